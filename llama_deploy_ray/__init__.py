@@ -1,0 +1,66 @@
+"""llama-deploy-ray: llama-index workflows deployed on Ray Serve, with llama_deploy's API.
+
+from llama_deploy_ray import deploy_core, deploy_workflow, LlamaDeployClient
+"""
+
+from ._client import AsyncLlamaDeployClient, AsyncSessionClient, LlamaDeployClient, SessionClient
+from ._config import (
+    AutoscalingConfig,
+    ControlPlaneConfig,
+    RayActorOptions,
+    SimpleMessageQueueConfig,
+    SimpleOrchestratorConfig,
+    WorkflowServiceConfig,
+)
+from ._deploy import deploy_core, deploy_workflow
+from ._errors import (
+    ControlPlaneUnavailableError,
+    InvalidRequestError,
+    LlamaDeployError,
+    NotFoundError,
+    ServiceConflictError,
+    ServiceNotFoundError,
+    SessionNotFoundError,
+    TaskFailedError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
+from ._types import (
+    QueueMessage,
+    ServiceDefinition,
+    SessionDefinition,
+    TaskDefinition,
+    TaskResult,
+    TaskStatus,
+)
+
+__all__ = [
+    "AsyncLlamaDeployClient",
+    "AsyncSessionClient",
+    "AutoscalingConfig",
+    "ControlPlaneConfig",
+    "ControlPlaneUnavailableError",
+    "InvalidRequestError",
+    "LlamaDeployClient",
+    "LlamaDeployError",
+    "NotFoundError",
+    "QueueMessage",
+    "RayActorOptions",
+    "ServiceConflictError",
+    "ServiceDefinition",
+    "ServiceNotFoundError",
+    "SessionClient",
+    "SessionDefinition",
+    "SessionNotFoundError",
+    "SimpleMessageQueueConfig",
+    "SimpleOrchestratorConfig",
+    "TaskDefinition",
+    "TaskFailedError",
+    "TaskNotFoundError",
+    "TaskResult",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "WorkflowServiceConfig",
+    "deploy_core",
+    "deploy_workflow",
+]

@@ -1,0 +1,218 @@
+"""`LlamaDeployClient` and `AsyncLlamaDeployClient` with their session clients: the seed's
+methods over the control plane's HTTP API. Each method builds a `Call` in `_client_core` and
+sends it; the two clients differ only in how they send."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from . import _client_core as core
+from ._client_core import DEFAULT_POLL_INTERVAL, Call
+from ._config import ControlPlaneConfig
+from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
+
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+
+
+class LlamaDeployClient:
+    """Talks to a deployed control plane.
+
+        client = LlamaDeployClient(ControlPlaneConfig())
+        session = client.create_session()
+        print(session.run("my_workflow", arg1="hello_world"))
+
+    `timeout` (seconds) bounds each request, a `run` included; it defaults to
+    `control_plane_config.request_timeout_s`.
+    """
+
+    def __init__(
+        self, control_plane_config: ControlPlaneConfig | None = None, timeout: float | None = None
+    ) -> None:
+        config = control_plane_config or ControlPlaneConfig()
+        self.timeout = timeout if timeout is not None else config.request_timeout_s
+        self.base_url = config.url
+        self._http = httpx.Client(base_url=config.url, limits=_LIMITS)
+
+    def _send(self, call: Call[core.T]) -> core.T:
+        try:
+            response = self._http.request(
+                call.method, call.path, **core.request_kwargs(call, self.timeout)
+            )
+        except httpx.TransportError as exc:
+            raise core.transport_error(exc, self.base_url, self.timeout) from exc
+        return core.read_response(call, response)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> LlamaDeployClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def create_session(self, poll_interval: float = DEFAULT_POLL_INTERVAL) -> SessionClient:
+        return SessionClient(self, self._send(core.create_session()).session_id)
+
+    def list_sessions(self) -> list[SessionDefinition]:
+        return self._send(core.list_sessions())
+
+    def get_session(
+        self, session_id: str, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> SessionClient:
+        return SessionClient(self, self._send(core.get_session(session_id)).session_id)
+
+    def get_or_create_session(
+        self, session_id: str, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> SessionClient:
+        return SessionClient(self, self._send(core.get_or_create_session(session_id)).session_id)
+
+    def get_service(self, service_name: str) -> ServiceDefinition:
+        return self._send(core.get_service(service_name))
+
+    def delete_session(self, session_id: str) -> None:
+        self._send(core.delete_session(session_id))
+
+    def list_services(self) -> list[ServiceDefinition]:
+        return self._send(core.list_services())
+
+    def register_service(self, service_def: ServiceDefinition) -> ServiceDefinition:
+        return self._send(core.register_service(service_def))
+
+    def deregister_service(self, service_name: str) -> None:
+        self._send(core.deregister_service(service_name))
+
+
+class SessionClient:
+    """Runs tasks in one session; made by `LlamaDeployClient`."""
+
+    def __init__(self, client: LlamaDeployClient, session_id: str) -> None:
+        self.client = client
+        self.session_id = session_id
+
+    def run(self, service_name: str, **run_kwargs: Any) -> Any:
+        """Run the service's workflow with `run_kwargs` and return its result; raises
+        `TaskFailedError` (with the workflow's own error) when it fails."""
+        task = core.task_definition(service_name, run_kwargs)
+        return core.result_value(self.client._send(core.run_task(self.session_id, task)))
+
+    def run_nowait(self, service_name: str, **run_kwargs: Any) -> str:
+        """Start the service's workflow and return the task id at once."""
+        return self.create_task(core.task_definition(service_name, run_kwargs))
+
+    def create_task(self, task_def: TaskDefinition) -> str:
+        return self.client._send(core.create_task(self.session_id, task_def)).task_id
+
+    def get_tasks(self) -> list[TaskResult]:
+        return self.client._send(core.get_tasks(self.session_id))
+
+    def get_current_task(self) -> TaskResult | None:
+        return self.client._send(core.get_current_task(self.session_id))
+
+    def get_task_result(self, task_id: str, wait_s: float = 0.0) -> TaskResult:
+        """The task's status and, once final, its result or error; with `wait_s`, wait up to
+        that long for it to finish first (the server holds the request; nothing polls)."""
+        return self.client._send(core.get_task_result(self.session_id, task_id, wait_s))
+
+
+class AsyncLlamaDeployClient:
+    """The async twin of `LlamaDeployClient`, for many concurrent sessions.
+
+    client = AsyncLlamaDeployClient(ControlPlaneConfig())
+    session = await client.create_session()
+    print(await session.run("my_workflow", arg1="hello_world"))
+    """
+
+    def __init__(
+        self, control_plane_config: ControlPlaneConfig | None = None, timeout: float | None = None
+    ) -> None:
+        config = control_plane_config or ControlPlaneConfig()
+        self.timeout = timeout if timeout is not None else config.request_timeout_s
+        self.base_url = config.url
+        self._http = httpx.AsyncClient(base_url=config.url, limits=_LIMITS)
+
+    async def _send(self, call: Call[core.T]) -> core.T:
+        try:
+            response = await self._http.request(
+                call.method, call.path, **core.request_kwargs(call, self.timeout)
+            )
+        except httpx.TransportError as exc:
+            raise core.transport_error(exc, self.base_url, self.timeout) from exc
+        return core.read_response(call, response)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncLlamaDeployClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def create_session(
+        self, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> AsyncSessionClient:
+        return AsyncSessionClient(self, (await self._send(core.create_session())).session_id)
+
+    async def list_sessions(self) -> list[SessionDefinition]:
+        return await self._send(core.list_sessions())
+
+    async def get_session(
+        self, session_id: str, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> AsyncSessionClient:
+        return AsyncSessionClient(self, (await self._send(core.get_session(session_id))).session_id)
+
+    async def get_or_create_session(
+        self, session_id: str, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> AsyncSessionClient:
+        session = await self._send(core.get_or_create_session(session_id))
+        return AsyncSessionClient(self, session.session_id)
+
+    async def get_service(self, service_name: str) -> ServiceDefinition:
+        return await self._send(core.get_service(service_name))
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._send(core.delete_session(session_id))
+
+    async def list_services(self) -> list[ServiceDefinition]:
+        return await self._send(core.list_services())
+
+    async def register_service(self, service_def: ServiceDefinition) -> ServiceDefinition:
+        return await self._send(core.register_service(service_def))
+
+    async def deregister_service(self, service_name: str) -> None:
+        await self._send(core.deregister_service(service_name))
+
+
+class AsyncSessionClient:
+    """Runs tasks in one session; made by `AsyncLlamaDeployClient`."""
+
+    def __init__(self, client: AsyncLlamaDeployClient, session_id: str) -> None:
+        self.client = client
+        self.session_id = session_id
+
+    async def run(self, service_name: str, **run_kwargs: Any) -> Any:
+        """Run the service's workflow with `run_kwargs` and return its result; raises
+        `TaskFailedError` (with the workflow's own error) when it fails."""
+        task = core.task_definition(service_name, run_kwargs)
+        return core.result_value(await self.client._send(core.run_task(self.session_id, task)))
+
+    async def run_nowait(self, service_name: str, **run_kwargs: Any) -> str:
+        """Start the service's workflow and return the task id at once."""
+        return await self.create_task(core.task_definition(service_name, run_kwargs))
+
+    async def create_task(self, task_def: TaskDefinition) -> str:
+        return (await self.client._send(core.create_task(self.session_id, task_def))).task_id
+
+    async def get_tasks(self) -> list[TaskResult]:
+        return await self.client._send(core.get_tasks(self.session_id))
+
+    async def get_current_task(self) -> TaskResult | None:
+        return await self.client._send(core.get_current_task(self.session_id))
+
+    async def get_task_result(self, task_id: str, wait_s: float = 0.0) -> TaskResult:
+        """The task's status and, once final, its result or error; with `wait_s`, wait up to
+        that long for it to finish first (the server holds the request; nothing polls)."""
+        return await self.client._send(core.get_task_result(self.session_id, task_id, wait_s))

@@ -1,0 +1,188 @@
+"""What the sync and async clients share, with no I/O: each API call as a `Call` (method,
+path, body, how to read the answer), and the mapping of HTTP answers and transport failures
+to our errors. The clients only send a `Call` and hand the response back here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import httpx
+from pydantic import TypeAdapter
+
+from ._errors import (
+    ControlPlaneUnavailableError,
+    InvalidRequestError,
+    LlamaDeployError,
+    TaskFailedError,
+    TaskTimeoutError,
+    error_from_json,
+)
+from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult, TaskStatus
+
+T = TypeVar("T")
+
+DEFAULT_POLL_INTERVAL = 0.5  # accepted for the seed's signatures; nothing polls here
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    body: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    # extra seconds the server may hold the request (long polls) on top of the client timeout
+    hold_s: float = 0.0
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def _model(model: type[T]) -> Callable[[Any], T]:
+    adapter = TypeAdapter(model)
+    return adapter.validate_python
+
+
+def _list_of(model: type[T]) -> Callable[[Any], list[T]]:
+    return TypeAdapter(list[model]).validate_python  # type: ignore[valid-type]
+
+
+def _optional(model: type[T]) -> Callable[[Any], T | None]:
+    return TypeAdapter(model | None).validate_python  # type: ignore[operator]
+
+
+_service = _model(ServiceDefinition)
+_services = _list_of(ServiceDefinition)
+_session = _model(SessionDefinition)
+_sessions = _list_of(SessionDefinition)
+_result = _model(TaskResult)
+_results = _list_of(TaskResult)
+_optional_result = _optional(TaskResult)
+
+
+# control plane calls
+
+
+def list_services() -> Call[list[ServiceDefinition]]:
+    return Call("GET", "/services", _services)
+
+
+def get_service(service_name: str) -> Call[ServiceDefinition]:
+    return Call("GET", f"/services/{service_name}", _service)
+
+
+def register_service(service_def: ServiceDefinition) -> Call[ServiceDefinition]:
+    return Call("POST", "/services/register", _service, body=service_def.model_dump(mode="json"))
+
+
+def deregister_service(service_name: str) -> Call[None]:
+    return Call("POST", "/services/deregister", _none, params={"service_name": service_name})
+
+
+def create_session() -> Call[SessionDefinition]:
+    return Call("POST", "/sessions/create", _session)
+
+
+def get_session(session_id: str) -> Call[SessionDefinition]:
+    return Call("GET", f"/sessions/{session_id}", _session)
+
+
+def get_or_create_session(session_id: str) -> Call[SessionDefinition]:
+    return Call("PUT", f"/sessions/{session_id}", _session)
+
+
+def list_sessions() -> Call[list[SessionDefinition]]:
+    return Call("GET", "/sessions", _sessions)
+
+
+def delete_session(session_id: str) -> Call[None]:
+    return Call("POST", f"/sessions/{session_id}/delete", _none)
+
+
+# session calls
+
+
+def task_definition(service_name: str, run_kwargs: dict[str, Any]) -> TaskDefinition:
+    try:
+        encoded = json.dumps(run_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(
+            f"run kwargs for {service_name!r} are not JSON-serializable ({exc}); pass str, "
+            "numbers, lists and dicts, or a pydantic model's .model_dump(mode='json')"
+        ) from exc
+    return TaskDefinition(input=encoded, agent_id=service_name)
+
+
+def run_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
+    return Call("POST", f"/sessions/{session_id}/run", _result, body=task.model_dump())
+
+
+def create_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
+    return Call("POST", f"/sessions/{session_id}/tasks", _result, body=task.model_dump())
+
+
+def get_tasks(session_id: str) -> Call[list[TaskResult]]:
+    return Call("GET", f"/sessions/{session_id}/tasks", _results)
+
+
+def get_current_task(session_id: str) -> Call[TaskResult | None]:
+    return Call("GET", f"/sessions/{session_id}/current_task", _optional_result)
+
+
+def get_task_result(session_id: str, task_id: str, wait_s: float) -> Call[TaskResult]:
+    return Call(
+        "GET",
+        f"/sessions/{session_id}/tasks/{task_id}/result",
+        _result,
+        params={"wait_s": wait_s},
+        hold_s=wait_s,
+    )
+
+
+def result_value(result: TaskResult) -> Any:
+    """The workflow's result, or the task's failure raised as an error."""
+    if result.status is TaskStatus.FAILED:
+        error_cls = TaskTimeoutError if result.error_type == "WorkflowTimeoutError" else None
+        raise (error_cls or TaskFailedError)(
+            result.task_id, result.error or "unknown error", result.error_type
+        )
+    return result.result
+
+
+# transport
+
+
+def request_kwargs(call: Call[Any], timeout_s: float) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"params": call.params, "timeout": timeout_s + call.hold_s}
+    if call.body is not None:
+        kwargs["json"] = call.body
+    return kwargs
+
+
+def read_response(call: Call[T], response: httpx.Response) -> T:
+    if response.is_success:
+        return call.parse(response.json() if response.content else None)
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"message": response.text}
+    raise error_from_json(
+        body if isinstance(body, dict) else {"message": body}, response.status_code
+    )
+
+
+def transport_error(exc: httpx.TransportError, base_url: str, timeout_s: float) -> LlamaDeployError:
+    if isinstance(exc, httpx.TimeoutException):
+        return ControlPlaneUnavailableError(
+            f"the control plane at {base_url} did not answer within {timeout_s} s "
+            f"({type(exc).__name__}); for long tasks raise the client's timeout, or use "
+            "run_nowait() and get_task_result(task_id, wait_s=...)"
+        )
+    return ControlPlaneUnavailableError(
+        f"could not reach the control plane at {base_url} ({type(exc).__name__}: {exc}); "
+        "is deploy_core running, and does ControlPlaneConfig(host, port) point at it?"
+    )

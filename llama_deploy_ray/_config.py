@@ -1,0 +1,141 @@
+"""Configuration models: what the seed's scripts pass to `deploy_core`, `deploy_workflow` and
+the clients.
+
+Each config reads its defaults from the environment like llama_deploy's did
+(`CONTROL_PLANE_PORT=8100` sets `ControlPlaneConfig().port`), so the same script can be pointed
+elsewhere without editing it. Unknown fields are rejected, so a typo fails loudly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_NAMESPACE = "llama_deploy_ray"
+
+
+class ControlPlaneConfig(BaseSettings):
+    """Where the control plane's HTTP API listens and which Ray cluster holds it.
+
+    `host`/`port` are the Serve HTTP address of the control plane's API (the clients' target).
+    `ray_address` is the cluster to attach to; unset, `RAY_ADDRESS` or a cluster already
+    running on this machine is used, and `deploy_core` starts a local Ray when there is none.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CONTROL_PLANE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    ray_address: str | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, description="Default client timeout for one request."
+    )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class SimpleMessageQueueConfig(BaseSettings):
+    """Selects the Ray-native message queue (the only one; kept for the seed's code).
+
+    Publishing to a service is a call on its Serve `DeploymentHandle`: the replicas' request
+    queues are the mailboxes and Serve's router hands each task to exactly one replica.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MESSAGE_QUEUE_", extra="forbid")
+
+    type: Literal["ray"] = "ray"
+
+
+class SimpleOrchestratorConfig(BaseSettings):
+    """How the orchestrator drives tasks."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="forbid")
+
+    max_retries: int = Field(
+        default=3,
+        ge=0,
+        description="Times a task is sent again after the replica running it died.",
+    )
+    retry_backoff_s: float = Field(default=0.5, ge=0, description="Wait before a retry.")
+
+
+class AutoscalingConfig(BaseModel):
+    """Replica autoscaling, passed to Ray Serve's `autoscaling_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class RayActorOptions(BaseModel):
+    """Resources each replica asks Ray for (Serve's `ray_actor_options`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    memory: int | None = Field(default=None, ge=0, description="Bytes.")
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class WorkflowServiceConfig(BaseSettings):
+    """How one workflow is served: its name and its Ray Serve deployment.
+
+    `host` and `port` are kept from the seed and recorded in the service's definition; tasks
+    reach replicas through Ray, not through that address. Give either `num_replicas` or
+    `autoscaling`, not both; with neither, one replica.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="WORKFLOW_SERVICE_", extra="forbid")
+
+    service_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    description: str = "A service that wraps a llama-index workflow."
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(
+        default=100, ge=1, description="Tasks one replica runs at once."
+    )
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    runtime_env: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> WorkflowServiceConfig:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError(f"give num_replicas ({self.num_replicas}) or autoscaling, not both")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """The keyword arguments for Ray Serve's `Deployment.options`."""
+        actor_options: dict[str, Any] = self.ray_actor_options.model_dump(exclude_none=True)
+        if self.runtime_env is not None:
+            actor_options["runtime_env"] = self.runtime_env
+        options: dict[str, Any] = {
+            "name": self.service_name,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": actor_options,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options

@@ -1,0 +1,154 @@
+"""`deploy_core` and `deploy_workflow`: the seed's entry points, on Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import ray
+from ray import serve
+from workflows import Workflow
+
+from ._api import API_APP_NAME, ControlPlaneAPI
+from ._config import (
+    ControlPlaneConfig,
+    SimpleMessageQueueConfig,
+    SimpleOrchestratorConfig,
+    WorkflowServiceConfig,
+)
+from ._control_plane import CONTROL_PLANE_ACTOR_NAME, ControlPlane
+from ._errors import ControlPlaneUnavailableError, InvalidRequestError
+from ._orchestrator import ORCHESTRATOR_ACTOR_NAME, SimpleOrchestrator
+from ._packaging import pack_workflow
+from ._service import WorkflowService
+from ._types import ServiceDefinition
+
+logger = logging.getLogger(__name__)
+
+
+async def deploy_core(
+    control_plane_config: ControlPlaneConfig | None = None,
+    message_queue_config: SimpleMessageQueueConfig | None = None,
+    orchestrator_config: SimpleOrchestratorConfig | None = None,
+    *,
+    blocking: bool | None = None,
+) -> None:
+    """Start the control plane, orchestrator and HTTP API on Ray.
+
+    Attaches to the Ray cluster in `control_plane_config.ray_address`, `RAY_ADDRESS` or
+    running on this machine; when there is none, starts a local Ray in this process. With
+    `blocking=None` it then keeps running while this process hosts that Ray (as the seed's
+    `deploy_core` did) and returns at once when the cluster lives elsewhere; pass
+    `blocking=False` in a notebook or test.
+
+        await deploy_core(ControlPlaneConfig(), SimpleMessageQueueConfig())
+    """
+    config = control_plane_config or ControlPlaneConfig()
+    orchestrator_config = orchestrator_config or SimpleOrchestratorConfig()
+    if message_queue_config is not None and not isinstance(
+        message_queue_config, SimpleMessageQueueConfig
+    ):
+        raise InvalidRequestError(
+            f"{type(message_queue_config).__name__} is not supported: llama-deploy-ray's "
+            "message queue is Ray itself; pass SimpleMessageQueueConfig() or nothing"
+        )
+    started_ray = _connect(config, start_if_missing=True)
+    await asyncio.to_thread(_start_core, config, orchestrator_config)
+    logger.info("llama-deploy-ray control plane at %s", config.url)
+    if blocking or (blocking is None and started_ray):
+        await asyncio.Event().wait()
+
+
+async def deploy_workflow(
+    workflow: Workflow | str,
+    workflow_config: WorkflowServiceConfig,
+    control_plane_config: ControlPlaneConfig | None = None,
+) -> ServiceDefinition:
+    """Deploy `workflow` as a Ray Serve application and register it as a service.
+
+    `workflow` is an instance (rebuilt in each replica from its class and attributes) or an
+    import path `"package.module:attribute"`. Returns once the replicas are running; they live
+    in the cluster, not in this process.
+
+        await deploy_workflow(MyWorkflow(), WorkflowServiceConfig(service_name="my_workflow"))
+    """
+    config = control_plane_config or ControlPlaneConfig()
+    packed = pack_workflow(workflow)
+    _connect(config, start_if_missing=False)
+    control_plane = _control_plane_actor(config)
+    definition = ServiceDefinition(
+        service_name=workflow_config.service_name,
+        description=workflow_config.description,
+        host=workflow_config.host,
+        port=workflow_config.port,
+    )
+    # Refuse a name taken by another service before touching its running deployment.
+    existing = {s.service_name: s for s in await control_plane.list_services.remote()}
+    if existing.get(definition.service_name, definition) != definition:
+        await control_plane.register_service.remote(definition)  # raises ServiceConflictError
+    application = WorkflowService.options(**workflow_config.deployment_options()).bind(packed)
+    await asyncio.to_thread(
+        serve.run, application, name=workflow_config.service_name, route_prefix=None
+    )
+    return await control_plane.register_service.remote(definition)
+
+
+def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
+    """Attach to Ray, or start a local one if allowed; True when this process started it."""
+    if ray.is_initialized():
+        return False
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING)
+        return False
+    except ConnectionError as exc:
+        if not start_if_missing or address != "auto":
+            raise ControlPlaneUnavailableError(
+                f"no Ray cluster at {address!r} ({exc}); start the core first with "
+                "deploy_core(...), or set RAY_ADDRESS to the cluster's address"
+            ) from exc
+    ray.init(namespace=config.namespace, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestratorConfig) -> None:
+    serve.start(http_options={"host": config.host, "port": config.port})
+    control_plane = (
+        ray.remote(ControlPlane)
+        .options(
+            name=CONTROL_PLANE_ACTOR_NAME,
+            namespace=config.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            num_cpus=0,
+        )
+        .remote()
+    )
+    ray.get(control_plane.ready.remote())
+    orchestrator = (
+        ray.remote(SimpleOrchestrator)
+        .options(
+            name=ORCHESTRATOR_ACTOR_NAME,
+            namespace=config.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_task_retries=0,
+            num_cpus=0,
+        )
+        .remote(orchestrator_config, config.namespace)
+    )
+    ray.get(orchestrator.ready.remote())
+    serve.run(ControlPlaneAPI.bind(config.namespace), name=API_APP_NAME, route_prefix="/")
+
+
+def _control_plane_actor(config: ControlPlaneConfig) -> ray.actor.ActorHandle:
+    try:
+        return ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=config.namespace)
+    except ValueError as exc:
+        raise ControlPlaneUnavailableError(
+            f"no control plane in the Ray cluster at {ray.get_runtime_context().gcs_address} "
+            f"(namespace {config.namespace!r}); start it with deploy_core(...) first"
+        ) from exc

@@ -1,0 +1,166 @@
+"""The errors of llama-deploy-ray, one tree for every path (in-process, through a Ray actor,
+over HTTP):
+
+    LlamaDeployError
+    ├── NotFoundError                    404
+    │   ├── ServiceNotFoundError
+    │   ├── SessionNotFoundError
+    │   └── TaskNotFoundError
+    ├── InvalidRequestError              422
+    ├── ServiceConflictError             409
+    ├── ControlPlaneUnavailableError     503
+    └── TaskFailedError                  500 (on the task's result, not on the request)
+        └── TaskTimeoutError
+
+Every constructor argument is a string passed on to `Exception.__init__`, so each class pickles
+and survives a Ray actor boundary (it arrives wrapped as `RayTaskError(cls)`, still an instance
+of `cls`). The HTTP API sends `{"error": class name, "message": ..., "detail": {...}}` and the
+clients raise the same class again, so a caller catches one type wherever it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LlamaDeployError(Exception):
+    """Base of every error raised by llama-deploy-ray."""
+
+    status_code = 500
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def detail(self) -> dict[str, Any]:
+        """Fields besides the message that let a client rebuild this error."""
+        return {}
+
+
+class NotFoundError(LlamaDeployError):
+    status_code = 404
+
+
+class ServiceNotFoundError(NotFoundError):
+    def __init__(self, service_name: str, message: str | None = None) -> None:
+        self.service_name = service_name
+        super().__init__(
+            message
+            or f"no service named {service_name!r} is registered: deploy it with "
+            "deploy_workflow(...) or check the name with list_services()",
+        )
+
+    def detail(self) -> dict[str, Any]:
+        return {"service_name": self.service_name}
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.service_name, self.message))
+
+
+class SessionNotFoundError(NotFoundError):
+    def __init__(self, session_id: str, message: str | None = None) -> None:
+        self.session_id = session_id
+        super().__init__(
+            message
+            or f"no session with id {session_id!r}: create one with create_session() "
+            "or get_or_create_session(id)",
+        )
+
+    def detail(self) -> dict[str, Any]:
+        return {"session_id": self.session_id}
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.session_id, self.message))
+
+
+class TaskNotFoundError(NotFoundError):
+    def __init__(self, task_id: str, message: str | None = None) -> None:
+        self.task_id = task_id
+        super().__init__(
+            message or f"no task with id {task_id!r} in this session: list them with get_tasks()",
+        )
+
+    def detail(self) -> dict[str, Any]:
+        return {"task_id": self.task_id}
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.task_id, self.message))
+
+
+class InvalidRequestError(LlamaDeployError):
+    status_code = 422
+
+
+class ServiceConflictError(LlamaDeployError):
+    status_code = 409
+
+
+class ControlPlaneUnavailableError(LlamaDeployError):
+    status_code = 503
+
+
+class TaskFailedError(LlamaDeployError):
+    """The workflow raised, or the task could not run; `error` is the workflow's own message."""
+
+    def __init__(
+        self, task_id: str, error: str, error_type: str | None = None, message: str | None = None
+    ) -> None:
+        self.task_id = task_id
+        self.error = error
+        self.error_type = error_type
+        kind = f"{error_type}: " if error_type else ""
+        super().__init__(message or f"task {task_id} failed: {kind}{error}")
+
+    def detail(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "error": self.error, "error_type": self.error_type}
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.task_id, self.error, self.error_type, self.message))
+
+
+class TaskTimeoutError(TaskFailedError):
+    """The workflow ran past its own timeout."""
+
+
+_BY_NAME: dict[str, type[LlamaDeployError]] = {
+    cls.__name__: cls
+    for cls in (
+        LlamaDeployError,
+        NotFoundError,
+        ServiceNotFoundError,
+        SessionNotFoundError,
+        TaskNotFoundError,
+        InvalidRequestError,
+        ServiceConflictError,
+        ControlPlaneUnavailableError,
+        TaskFailedError,
+        TaskTimeoutError,
+    )
+}
+
+
+def error_to_json(exc: LlamaDeployError) -> dict[str, Any]:
+    return {"error": type(exc).__name__, "message": exc.message, "detail": exc.detail()}
+
+
+def error_from_json(body: dict[str, Any], status_code: int) -> LlamaDeployError:
+    """Rebuild the error the API sent; an unknown body becomes the base class."""
+    cls = _BY_NAME.get(str(body.get("error")))
+    message = str(body.get("message") or body.get("detail") or f"HTTP {status_code}")
+    detail = body.get("detail") if isinstance(body.get("detail"), dict) else {}
+    if cls is None:
+        # FastAPI's own 422 body: {"detail": [...validation errors...]}
+        if status_code == 422:
+            return InvalidRequestError(f"invalid request: {body.get('detail')}")
+        return LlamaDeployError(f"HTTP {status_code}: {message}")
+    if cls is ServiceNotFoundError:
+        return cls(detail.get("service_name", ""), message)
+    if cls is SessionNotFoundError:
+        return cls(detail.get("session_id", ""), message)
+    if cls is TaskNotFoundError:
+        return cls(detail.get("task_id", ""), message)
+    if issubclass(cls, TaskFailedError):
+        return cls(
+            detail.get("task_id", ""), detail.get("error", ""), detail.get("error_type"), message
+        )
+    return cls(message)

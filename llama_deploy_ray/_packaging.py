@@ -1,0 +1,103 @@
+"""Getting a workflow to its replicas.
+
+Workflow instances do not pickle on workflows 2.x (their runtime holds a weakref), so an
+instance travels as its class plus the attributes its own `__init__` set, and is rebuilt in the
+replica; `Workflow.__init__`'s options (timeout, verbose, ...) are passed again. The class is
+pickled by value, so a workflow defined in a script or a test module needs nothing installed on
+the workers. A workflow can also be named by import path, `"package.module:attribute"`, which
+the replica imports (it must be importable there: install it, or ship it with `runtime_env`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import cloudpickle
+from pydantic import BaseModel
+from workflows import Workflow, step
+from workflows.events import StartEvent, StopEvent
+
+from ._errors import InvalidRequestError
+
+
+class _Probe(Workflow):
+    @step
+    async def only(self, ev: StartEvent) -> StopEvent:
+        return StopEvent()
+
+
+# What Workflow.__init__ sets itself; everything else on an instance is the user's.
+_FRAMEWORK_ATTRS = frozenset(_Probe().__dict__)
+_INIT_OPTIONS = {
+    "timeout": "_timeout",
+    "verbose": "_verbose",
+    "disable_validation": "_disable_validation",
+    "num_concurrent_runs": "_num_concurrent_runs",
+    "workflow_name": "_workflow_name",
+    "serializer": "_serializer",
+}
+
+
+class PackedWorkflow(BaseModel):
+    """A workflow ready to cross to a replica: an import path, or a pickled class and state."""
+
+    import_path: str | None = None
+    payload: bytes | None = None
+    name: str
+
+
+def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
+    if isinstance(workflow, str):
+        _split_import_path(workflow)
+        return PackedWorkflow(import_path=workflow, name=workflow)
+    if not isinstance(workflow, Workflow):
+        raise InvalidRequestError(
+            f"workflow must be a llama-index Workflow instance or an import path "
+            f"'module:attribute', got {type(workflow).__name__}"
+        )
+    cls = type(workflow)
+    options = {opt: getattr(workflow, attr) for opt, attr in _INIT_OPTIONS.items()}
+    user_attrs = {k: v for k, v in workflow.__dict__.items() if k not in _FRAMEWORK_ATTRS}
+    module = sys.modules.get(cls.__module__)
+    by_value = module is not None and cls.__module__ != "__main__"
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        payload = cloudpickle.dumps((cls, options, user_attrs))
+    except Exception as exc:
+        raise InvalidRequestError(
+            f"workflow {cls.__name__} cannot be sent to Ray replicas: pickling it failed "
+            f"({type(exc).__name__}: {exc}). Keep unpicklable objects (clients, locks) out of "
+            "its attributes, or deploy it by import path 'module:attribute'."
+        ) from exc
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+    return PackedWorkflow(payload=payload, name=cls.__name__)
+
+
+def unpack_workflow(packed: PackedWorkflow) -> Workflow:
+    if packed.import_path is not None:
+        module_name, attr = _split_import_path(packed.import_path)
+        target: Any = getattr(importlib.import_module(module_name), attr)
+        workflow = target() if isinstance(target, type) else target
+        if not isinstance(workflow, Workflow):
+            raise InvalidRequestError(
+                f"{packed.import_path} is a {type(workflow).__name__}, not a Workflow"
+            )
+        return workflow
+    assert packed.payload is not None
+    cls, options, user_attrs = cloudpickle.loads(packed.payload)
+    workflow = cls.__new__(cls)
+    Workflow.__init__(workflow, **options)
+    workflow.__dict__.update(user_attrs)
+    return workflow
+
+
+def _split_import_path(path: str) -> tuple[str, str]:
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidRequestError(f"import path {path!r} must look like 'package.module:attribute'")
+    return module_name, attr

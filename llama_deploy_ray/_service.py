@@ -1,0 +1,71 @@
+"""The workflow service: a Ray Serve deployment whose replicas run one workflow.
+
+A replica takes a task from its request queue (the service's topic on the Ray-native message
+queue), restores the session's context for this service, runs the workflow and hands back the
+result with the context's new state. It keeps nothing between tasks, so any replica can take
+any task, and a replica that dies loses only the tasks it was running (the orchestrator sends
+those again).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+from ray import serve
+from workflows import Context
+from workflows.context import PickleSerializer
+from workflows.errors import WorkflowTimeoutError
+
+from ._packaging import PackedWorkflow, unpack_workflow
+from ._types import QueueMessage, TaskDefinition
+
+# JSON where it can, pickle where it must: state may hold any object a step put there.
+_STATE_SERIALIZER = PickleSerializer()
+
+
+class TaskOutcome(BaseModel):
+    """What a replica reports for one task."""
+
+    result: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    timed_out: bool = False
+    state: dict[str, Any] | None = None
+
+
+@serve.deployment
+class WorkflowService:
+    def __init__(self, packed: PackedWorkflow) -> None:
+        self._workflow = unpack_workflow(packed)
+
+    async def process_message(self, message: QueueMessage) -> TaskOutcome:
+        task = TaskDefinition.model_validate(message.data["task"])
+        return await self.run_task(task, message.data.get("state"))
+
+    async def run_task(self, task: TaskDefinition, state: dict[str, Any] | None) -> TaskOutcome:
+        ctx = (
+            Context.from_dict(self._workflow, state, serializer=_STATE_SERIALIZER)
+            if state
+            else None
+        )
+        handler = self._workflow.run(ctx=ctx, **task.run_kwargs)
+        try:
+            result = await handler
+        except WorkflowTimeoutError as exc:
+            return TaskOutcome(error=str(exc), error_type=type(exc).__name__, timed_out=True)
+        except Exception as exc:
+            return TaskOutcome(error=str(exc) or repr(exc), error_type=type(exc).__name__)
+        try:
+            result = to_jsonable_python(result)
+        except Exception as exc:
+            return TaskOutcome(
+                error=(
+                    f"the workflow returned a {type(result).__name__}, which is not "
+                    f"JSON-serializable ({exc}); return a str, number, list, dict or "
+                    "pydantic model"
+                ),
+                error_type="ResultNotSerializableError",
+            )
+        return TaskOutcome(result=result, state=handler.ctx.to_dict(serializer=_STATE_SERIALIZER))

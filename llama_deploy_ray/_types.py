@@ -1,0 +1,114 @@
+"""Wire types: what crosses the HTTP API and the Ray actors.
+
+The names and the fields the seed documents are kept (`TaskDefinition(input=..., agent_id=...)`,
+`ServiceDefinition(service_name=..., host=..., port=...)`); `TaskResult` also says where the
+task is in its life (`status`) and why it failed (`error`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TaskStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED})
+
+
+class TaskDefinition(BaseModel):
+    """A task to run: `input` is the JSON object of the workflow's run kwargs and `agent_id`
+    names the service (the seed's word for it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="JSON object of keyword arguments for `workflow.run`.")
+    task_id: str = Field(default_factory=_new_id, min_length=1)
+    session_id: str | None = None
+    agent_id: str | None = Field(default=None, description="The service that runs the task.")
+
+    @field_validator("input")
+    @classmethod
+    def _input_is_json_object(cls, value: str) -> str:
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"input is not valid JSON: {exc}") from exc
+        if not isinstance(decoded, dict):
+            raise ValueError(
+                f"input must be a JSON object of run kwargs, got {type(decoded).__name__}"
+            )
+        return value
+
+    @property
+    def run_kwargs(self) -> dict[str, Any]:
+        return json.loads(self.input)
+
+
+class TaskResult(BaseModel):
+    """Where a task is and, once it is final, its result or error."""
+
+    task_id: str
+    session_id: str | None = None
+    service_name: str | None = None
+    status: TaskStatus
+    result: Any = None
+    error: str | None = Field(default=None, description="Why the task failed, if it did.")
+    error_type: str | None = Field(
+        default=None, description="The class name of the workflow's exception, if any."
+    )
+    attempts: int = 0
+    created_at: float = Field(default_factory=time.time)
+    finished_at: float | None = None
+
+
+class SessionDefinition(BaseModel):
+    """A session: the tasks run in it and, per service, the workflow state they left."""
+
+    session_id: str = Field(default_factory=_new_id, min_length=1)
+    task_ids: list[str] = Field(default_factory=list)
+    state: dict[str, Any] = Field(
+        default_factory=dict, description="Workflow context state, keyed by service name."
+    )
+    created_at: float = Field(default_factory=time.time)
+
+
+class ServiceDefinition(BaseModel):
+    """A registered service: one deployed workflow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service_name: str = Field(min_length=1)
+    description: str = "A service that wraps a llama-index workflow."
+    prompt: list[dict[str, Any]] = Field(default_factory=list)
+    host: str | None = None
+    port: int | None = None
+
+
+class QueueMessage(BaseModel):
+    """A message on the Ray-native queue: a task published to a service's topic."""
+
+    id_: str = Field(default_factory=_new_id)
+    publisher_id: str = "default"
+    type: str = Field(description="The topic: the service's name.")
+    action: str = "new_task"
+    data: dict[str, Any] = Field(default_factory=dict)
+    stats: dict[str, float] = Field(default_factory=dict)
