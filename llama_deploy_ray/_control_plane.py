@@ -10,6 +10,7 @@ middle of an update, so each method is atomic on the actor's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -200,10 +201,8 @@ class ControlPlane:
         if record.definition.session_id != session_id:
             raise TaskNotFoundError(task_id)
         if wait_s > 0 and not record.done.is_set():
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(record.done.wait(), timeout=wait_s)
-            except asyncio.TimeoutError:
-                pass
         return record.result
 
     async def list_tasks(self, session_id: str) -> list[TaskResult]:
