@@ -1,0 +1,77 @@
+"""Workflows the tests deploy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from llama_index.core.workflow import Context, StartEvent, StopEvent, Workflow, step
+from ray import serve
+
+
+class EchoWorkflow(Workflow):
+    """The seed's hello-world workflow."""
+
+    @step()
+    async def run_step(self, ev: StartEvent) -> StopEvent:
+        return StopEvent(result=str(ev.get("arg1", "")) + "_result")
+
+
+class CounterWorkflow(Workflow):
+    """Counts the runs of its session in `ctx.store`."""
+
+    @step()
+    async def count(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        count = await ctx.store.get("count", default=0) + 1
+        await ctx.store.set("count", count)
+        return StopEvent(result=str(count))
+
+
+class StructuredWorkflow(Workflow):
+    @step()
+    async def run_step(self, ev: StartEvent) -> StopEvent:
+        return StopEvent(result={"items": [1, 2, 3], "nested": {"ok": True}, "n": ev.get("n")})
+
+
+class FailingWorkflow(Workflow):
+    @step()
+    async def run_step(self, ev: StartEvent) -> StopEvent:
+        raise ValueError(f"arg1 was {ev.get('arg1')!r}, which is not allowed")
+
+
+class SleepWorkflow(Workflow):
+    """Sleeps `seconds`, then reports when it ran and which replica ran it."""
+
+    @step()
+    async def run_step(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        start = time.time()
+        await asyncio.sleep(float(ev.get("seconds", 0)))
+        log = await ctx.store.get("log", default=[])
+        log.append(ev.get("tag"))
+        await ctx.store.set("log", log)
+        return StopEvent(
+            result={
+                "start": start,
+                "end": time.time(),
+                "log": log,
+                "replica": serve.get_replica_context().replica_id.unique_id,
+            }
+        )
+
+
+class DiesOnceWorkflow(Workflow):
+    """Kills its replica's process the first time it runs (a marker file remembers)."""
+
+    def __init__(self, marker: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+
+    @step()
+    async def run_step(self, ev: StartEvent) -> StopEvent:
+        marker = Path(self.marker)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return StopEvent(result=f"survived, first replica was pid {marker.read_text()}")
