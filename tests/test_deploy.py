@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import httpx
@@ -158,7 +159,7 @@ async def test_one_session_runs_its_tasks_in_order(aclient: AsyncLlamaDeployClie
     task_ids = [await session.run_nowait("sleep", seconds=0.3 - 0.05 * i, tag=i) for i in range(5)]
     results = [(await session.get_task_result(t, wait_s=30)).result for t in task_ids]
     assert results[-1]["log"] == [0, 1, 2, 3, 4]
-    for earlier, later in zip(results, results[1:]):
+    for earlier, later in itertools.pairwise(results):
         assert earlier["end"] <= later["start"]
 
 
@@ -276,13 +277,13 @@ async def test_a_replica_that_dies_mid_task_is_retried(deployed, tmp_path) -> No
 def test_client_timeout(deployed: ControlPlaneConfig) -> None:
     with LlamaDeployClient(deployed, timeout=0.5) as client:
         session = client.create_session()
-        with pytest.raises(ControlPlaneUnavailableError, match="did not answer within 0.5 s"):
+        with pytest.raises(ControlPlaneUnavailableError, match=r"did not answer within 0\.5 s"):
             session.run("sleep", seconds=3)
 
 
 def test_unreachable_control_plane_names_the_address() -> None:
     config = ControlPlaneConfig(port=9)  # nothing listens on the discard port
-    with pytest.raises(ControlPlaneUnavailableError, match="127.0.0.1:9"):
+    with pytest.raises(ControlPlaneUnavailableError, match=r"127\.0\.0\.1:9"):
         LlamaDeployClient(config).create_session()
 
 
