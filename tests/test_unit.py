@@ -1,0 +1,193 @@
+"""Pure logic: configs, wire types, errors, the client's shared core, the public surface."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+
+import pytest
+import ray
+from pydantic import ValidationError
+
+import llama_deploy_ray
+from llama_deploy_ray import (
+    AsyncLlamaDeployClient,
+    AsyncSessionClient,
+    AutoscalingConfig,
+    ControlPlaneConfig,
+    ControlPlaneUnavailableError,
+    InvalidRequestError,
+    LlamaDeployClient,
+    LlamaDeployError,
+    NotFoundError,
+    ServiceConflictError,
+    ServiceNotFoundError,
+    SessionClient,
+    SessionNotFoundError,
+    TaskDefinition,
+    TaskFailedError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+    WorkflowServiceConfig,
+)
+from llama_deploy_ray._errors import error_from_json, error_to_json
+from llama_deploy_ray._packaging import pack_workflow, unpack_workflow
+
+from .workflows import DiesOnceWorkflow, EchoWorkflow
+
+ERRORS = [
+    ServiceNotFoundError("svc"),
+    SessionNotFoundError("sid"),
+    TaskNotFoundError("tid"),
+    InvalidRequestError("bad input"),
+    ServiceConflictError("taken"),
+    ControlPlaneUnavailableError("down"),
+    TaskFailedError("tid", "boom", "ValueError"),
+    TaskTimeoutError("tid", "timed out", "WorkflowTimeoutError"),
+]
+
+
+def test_public_names() -> None:
+    seed_names = {
+        "ControlPlaneConfig",
+        "SimpleMessageQueueConfig",
+        "SimpleOrchestratorConfig",
+        "WorkflowServiceConfig",
+        "deploy_core",
+        "deploy_workflow",
+        "LlamaDeployClient",
+        "AsyncLlamaDeployClient",
+        "TaskDefinition",
+        "TaskResult",
+        "SessionDefinition",
+        "ServiceDefinition",
+        "QueueMessage",
+    }
+    assert seed_names <= set(llama_deploy_ray.__all__)
+    assert all(hasattr(llama_deploy_ray, name) for name in llama_deploy_ray.__all__)
+
+
+@pytest.mark.parametrize(
+    ("sync_cls", "async_cls"),
+    [(LlamaDeployClient, AsyncLlamaDeployClient), (SessionClient, AsyncSessionClient)],
+)
+def test_sync_and_async_clients_have_the_same_methods(sync_cls, async_cls) -> None:
+    def public(cls) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(member)
+            for name, member in vars(cls).items()
+            if callable(member) and not name.startswith("_") and name not in ("close", "aclose")
+        }
+
+    sync_methods, async_methods = public(sync_cls), public(async_cls)
+    assert sync_methods.keys() == async_methods.keys()
+    for name, signature in sync_methods.items():
+        assert list(signature.parameters) == list(async_methods[name].parameters), name
+        assert inspect.iscoroutinefunction(getattr(async_cls, name)), name
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=lambda e: type(e).__name__)
+def test_errors_pickle_and_survive_http(error: LlamaDeployError) -> None:
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is type(error) and again.detail() == error.detail()
+    assert str(again) == str(error)
+    rebuilt = error_from_json(error_to_json(error), error.status_code)
+    assert type(rebuilt) is type(error) and rebuilt.detail() == error.detail()
+    assert rebuilt.message == error.message
+
+
+def test_not_found_errors_share_a_parent() -> None:
+    for error in ERRORS[:3]:
+        assert isinstance(error, NotFoundError) and error.status_code == 404
+
+
+def test_errors_cross_a_ray_actor(control_plane_config) -> None:
+    @ray.remote(num_cpus=0)
+    class Raiser:
+        def raise_(self, error: LlamaDeployError) -> None:
+            raise error
+
+    raiser = Raiser.remote()
+    for error in ERRORS:
+        with pytest.raises(type(error)) as info:
+            ray.get(raiser.raise_.remote(error))
+        assert isinstance(info.value, LlamaDeployError)
+        assert info.value.detail() == error.detail()
+
+
+def test_configs_refuse_nonsense() -> None:
+    with pytest.raises(ValidationError, match="not both"):
+        WorkflowServiceConfig(
+            service_name="x", num_replicas=2, autoscaling=AutoscalingConfig(max_replicas=3)
+        )
+    with pytest.raises(ValidationError, match=r"min_replicas \(5\) is above max_replicas \(2\)"):
+        AutoscalingConfig(min_replicas=5, max_replicas=2)
+    with pytest.raises(ValidationError):
+        WorkflowServiceConfig(service_name="x", num_replica=2)  # typo
+    with pytest.raises(ValidationError):
+        WorkflowServiceConfig(service_name="has space")
+    with pytest.raises(ValidationError):
+        ControlPlaneConfig(port=70000)
+
+
+def test_configs_read_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("CONTROL_PLANE_PORT", "8123")
+    assert ControlPlaneConfig().url == "http://127.0.0.1:8123"
+
+
+def test_deployment_options_reach_serve() -> None:
+    config = WorkflowServiceConfig(
+        service_name="svc",
+        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=3, upscale_delay_s=2),
+        max_ongoing_requests=7,
+        ray_actor_options={"num_cpus": 0.5, "memory": 2**20, "resources": {"tpu": 1}},
+        runtime_env={"env_vars": {"A": "1"}},
+    )
+    options = config.deployment_options()
+    assert options["max_ongoing_requests"] == 7
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert options["autoscaling_config"]["upscale_delay_s"] == 2
+    assert "num_replicas" not in options
+    assert options["ray_actor_options"] == {
+        "num_cpus": 0.5,
+        "num_gpus": 0.0,
+        "memory": 2**20,
+        "resources": {"tpu": 1},
+        "runtime_env": {"env_vars": {"A": "1"}},
+    }
+    assert WorkflowServiceConfig(service_name="s").deployment_options()["num_replicas"] == 1
+
+
+def test_task_definition_input_must_be_a_json_object() -> None:
+    assert TaskDefinition(input='{"a": 1}').run_kwargs == {"a": 1}
+    for bad in ("not json", "[1, 2]"):
+        with pytest.raises(ValidationError):
+            TaskDefinition(input=bad)
+
+
+def test_workflow_instances_travel_with_their_attributes() -> None:
+    original = DiesOnceWorkflow("/tmp/marker", timeout=12)
+    rebuilt = unpack_workflow(pickle.loads(pickle.dumps(pack_workflow(original))))
+    assert type(rebuilt).__name__ == "DiesOnceWorkflow"
+    assert rebuilt.marker == "/tmp/marker"
+    assert rebuilt._timeout == 12
+
+
+def test_workflows_by_import_path() -> None:
+    packed = pack_workflow("tests.workflows:EchoWorkflow")
+    assert isinstance(unpack_workflow(packed), EchoWorkflow)
+    with pytest.raises(InvalidRequestError, match="module:attribute"):
+        pack_workflow("tests.workflows.EchoWorkflow")
+    with pytest.raises(InvalidRequestError, match="not a Workflow"):
+        unpack_workflow(pack_workflow("tests.workflows:Path"))
+    with pytest.raises(InvalidRequestError, match="Workflow instance"):
+        pack_workflow(42)  # type: ignore[arg-type]
+
+
+def test_unpicklable_workflow_attributes_are_named() -> None:
+    import threading
+
+    workflow = EchoWorkflow()
+    workflow.lock = threading.Lock()
+    with pytest.raises(InvalidRequestError, match="import path"):
+        pack_workflow(workflow)
