@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import to_jsonable_python
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 from ray import serve
 from workflows import Context
 from workflows.context import PickleSerializer
-from workflows.errors import WorkflowTimeoutError
 
 from ._packaging import PackedWorkflow, unpack_workflow
 from ._types import QueueMessage, TaskDefinition
@@ -26,12 +25,11 @@ _STATE_SERIALIZER = PickleSerializer()
 
 
 class TaskOutcome(BaseModel):
-    """What a replica reports for one task."""
+    """What a replica reports for one task; `state` is None when there is nothing to keep."""
 
     result: Any = None
     error: str | None = None
     error_type: str | None = None
-    timed_out: bool = False
     state: dict[str, Any] | None = None
 
 
@@ -41,10 +39,9 @@ class WorkflowService:
         self._workflow = unpack_workflow(packed)
 
     async def process_message(self, message: QueueMessage) -> TaskOutcome:
+        """Run the task in `message` from the session state it carries."""
         task = TaskDefinition.model_validate(message.data["task"])
-        return await self.run_task(task, message.data.get("state"))
-
-    async def run_task(self, task: TaskDefinition, state: dict[str, Any] | None) -> TaskOutcome:
+        state: dict[str, Any] | None = message.data.get("state")
         ctx = (
             Context.from_dict(self._workflow, state, serializer=_STATE_SERIALIZER)
             if state
@@ -53,13 +50,11 @@ class WorkflowService:
         handler = self._workflow.run(ctx=ctx, **task.run_kwargs)
         try:
             result = await handler
-        except WorkflowTimeoutError as exc:
-            return TaskOutcome(error=str(exc), error_type=type(exc).__name__, timed_out=True)
         except Exception as exc:
             return TaskOutcome(error=str(exc) or repr(exc), error_type=type(exc).__name__)
         try:
             result = to_jsonable_python(result)
-        except Exception as exc:
+        except PydanticSerializationError as exc:
             return TaskOutcome(
                 error=(
                     f"the workflow returned a {type(result).__name__}, which is not "
@@ -68,4 +63,7 @@ class WorkflowService:
                 ),
                 error_type="ResultNotSerializableError",
             )
+        if state is None and not (await handler.ctx.store.get_state()).model_dump():
+            # nothing to keep: skip serializing a context whose store was never written
+            return TaskOutcome(result=result)
         return TaskOutcome(result=result, state=handler.ctx.to_dict(serializer=_STATE_SERIALIZER))

@@ -35,6 +35,7 @@ from .workflows import (
     DiesOnceWorkflow,
     EchoWorkflow,
     FailingWorkflow,
+    OpaqueResultWorkflow,
     SleepWorkflow,
     StructuredWorkflow,
 )
@@ -53,6 +54,7 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
         deploy_workflow(CounterWorkflow(), service("counter"), control_plane_config),
         deploy_workflow(StructuredWorkflow(), service("structured"), control_plane_config),
         deploy_workflow(FailingWorkflow(), service("failing"), control_plane_config),
+        deploy_workflow(OpaqueResultWorkflow(), service("opaque"), control_plane_config),
         deploy_workflow(SleepWorkflow(timeout=30), service("sleep"), control_plane_config),
         deploy_workflow(
             SleepWorkflow(timeout=0.5), service("sleep_short_timeout"), control_plane_config
@@ -198,6 +200,12 @@ def test_results_keep_their_type(client: LlamaDeployClient) -> None:
     session = client.create_session()
     assert session.run("echo", arg1="hello_world") == "hello_world_result"
     assert session.run("structured", n=3) == {"items": [1, 2, 3], "nested": {"ok": True}, "n": 3}
+
+
+def test_a_result_that_is_not_json_fails_clearly(client: LlamaDeployClient) -> None:
+    with pytest.raises(TaskFailedError, match="not JSON-serializable") as info:
+        client.create_session().run("opaque")
+    assert info.value.error_type == "ResultNotSerializableError"
 
 
 def test_a_failing_workflow_raises_its_own_error(client: LlamaDeployClient) -> None:

@@ -35,6 +35,12 @@ class StructuredWorkflow(Workflow):
         return StopEvent(result={"items": [1, 2, 3], "nested": {"ok": True}, "n": ev.get("n")})
 
 
+class OpaqueResultWorkflow(Workflow):
+    @step()
+    async def run_step(self, ev: StartEvent) -> StopEvent:
+        return StopEvent(result=object())
+
+
 class FailingWorkflow(Workflow):
     @step()
     async def run_step(self, ev: StartEvent) -> StopEvent:

@@ -1,6 +1,6 @@
 """The quickstart in one process: core, workflow and client on a local Ray.
 
-    python examples/quickstart/run_all.py
+python examples/quickstart/run_all.py
 """
 
 import asyncio
