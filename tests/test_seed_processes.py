@@ -8,22 +8,19 @@ import sys
 from .conftest import QUICKSTART
 
 
-def test_quickstart_in_three_processes(control_plane_config, core_env) -> None:
-    # the core runs in its own process already (see conftest); deploy, then ask
-    deploy = subprocess.run(
-        [sys.executable, str(QUICKSTART / "workflow.py")],
-        env=core_env,
+def run_script(name: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, str(QUICKSTART / name)],
+        env=env,
         capture_output=True,
         text=True,
         timeout=180,
     )
-    assert deploy.returncode == 0, deploy.stderr[-3000:]
-    client = subprocess.run(
-        [sys.executable, str(QUICKSTART / "client.py")],
-        env=core_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert client.returncode == 0, client.stderr[-3000:]
-    assert client.stdout.strip().splitlines()[-1] == "hello_world_result"
+    assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_quickstart_in_three_processes(control_plane_config, core_env) -> None:
+    # the core already runs in its own process, started from core.py (see conftest)
+    run_script("workflow.py", core_env)
+    assert run_script("client.py", core_env).strip().splitlines()[-1] == "hello_world_result"
