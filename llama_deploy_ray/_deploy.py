@@ -26,6 +26,10 @@ from ._types import ServiceDefinition
 
 logger = logging.getLogger(__name__)
 
+# A log line per request per hop costs more than the hop itself on a small machine; errors and
+# replica events are still logged.
+_QUIET_ACCESS_LOG = {"enable_access_log": False}
+
 
 async def deploy_core(
     control_plane_config: ControlPlaneConfig | None = None,
@@ -89,7 +93,11 @@ async def deploy_workflow(
         await control_plane.register_service.remote(definition)  # raises ServiceConflictError
     application = WorkflowService.options(**workflow_config.deployment_options()).bind(packed)
     await asyncio.to_thread(
-        serve.run, application, name=workflow_config.service_name, route_prefix=None
+        serve.run,
+        application,
+        name=workflow_config.service_name,
+        route_prefix=None,
+        logging_config=_QUIET_ACCESS_LOG,
     )
     return await control_plane.register_service.remote(definition)
 
@@ -141,7 +149,12 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
         .remote(orchestrator_config, config.namespace)
     )
     ray.get(orchestrator.ready.remote())
-    serve.run(ControlPlaneAPI.bind(config.namespace), name=API_APP_NAME, route_prefix="/")
+    serve.run(
+        ControlPlaneAPI.bind(config.namespace),
+        name=API_APP_NAME,
+        route_prefix="/",
+        logging_config=_QUIET_ACCESS_LOG,
+    )
 
 
 def _control_plane_actor(config: ControlPlaneConfig) -> ray.actor.ActorHandle:
