@@ -72,7 +72,7 @@ class SimpleOrchestrator:
         task = started.task
         message = QueueMessage(
             type=task.agent_id or "",
-            data={"task": task.model_dump(), "state": started.state},
+            data={"task": task, "state": started.state},
         )
         outcome = await self._deliver(task, message)
         return await self._control_plane.finish_task.remote(task.task_id, outcome)

@@ -40,7 +40,7 @@ class WorkflowService:
 
     async def process_message(self, message: QueueMessage) -> TaskOutcome:
         """Run the task in `message` from the session state it carries."""
-        task = TaskDefinition.model_validate(message.data["task"])
+        task: TaskDefinition = message.data["task"]
         state: dict[str, Any] | None = message.data.get("state")
         ctx = (
             Context.from_dict(self._workflow, state, serializer=_STATE_SERIALIZER)
