@@ -42,11 +42,12 @@ class WorkflowService:
         """Run the task in `message` from the session state it carries."""
         task: TaskDefinition = message.data["task"]
         state: dict[str, Any] | None = message.data.get("state")
-        ctx = (
-            Context.from_dict(self._workflow, state, serializer=_STATE_SERIALIZER)
-            if state
-            else None
-        )
+        ctx = None
+        if state:
+            # A new task is a new run on the session's state: its timeout starts from zero,
+            # instead of the alive time the session's earlier runs spent.
+            fresh = {**state, "elapsed_alive": 0.0, "last_alive_stamp": None}
+            ctx = Context.from_dict(self._workflow, fresh, serializer=_STATE_SERIALIZER)
         handler = self._workflow.run(ctx=ctx, **task.run_kwargs)
         try:
             result = await handler

@@ -143,6 +143,13 @@ def test_state_is_kept_per_session(client: LlamaDeployClient) -> None:
     assert session.run("counter") == "3"
 
 
+def test_a_session_s_runs_each_get_the_whole_timeout(client: LlamaDeployClient) -> None:
+    # sleep_short_timeout has timeout=0.5: three 0.3 s runs pass only if each starts afresh
+    session = client.create_session()
+    logs = [session.run("sleep_short_timeout", seconds=0.3, tag=i)["log"] for i in range(3)]
+    assert logs[-1] == [0, 1, 2]
+
+
 async def test_twenty_concurrent_sessions_never_share_state(
     aclient: AsyncLlamaDeployClient,
 ) -> None:
