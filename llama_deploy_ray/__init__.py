@@ -21,10 +21,13 @@ from ._errors import (
     ServiceConflictError,
     ServiceNotFoundError,
     SessionNotFoundError,
+    TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
+    TaskStateError,
     TaskTimeoutError,
 )
+from ._nested import add_workflows
 from ._types import (
     QueueMessage,
     ServiceDefinition,
@@ -54,13 +57,16 @@ __all__ = [
     "SessionNotFoundError",
     "SimpleMessageQueueConfig",
     "SimpleOrchestratorConfig",
+    "TaskCancelledError",
     "TaskDefinition",
     "TaskFailedError",
     "TaskNotFoundError",
     "TaskResult",
+    "TaskStateError",
     "TaskStatus",
     "TaskTimeoutError",
     "WorkflowServiceConfig",
+    "add_workflows",
     "deploy_core",
     "deploy_workflow",
 ]

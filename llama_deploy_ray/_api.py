@@ -6,26 +6,39 @@ their class (see `_errors`). Workflow state is readable here but not writable: i
 pickled objects, and unpickling what a request sent would run its code.
 """
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
-from ._control_plane import CONTROL_PLANE_ACTOR_NAME
+from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 from ._errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployError,
     error_to_json,
 )
-from ._orchestrator import ORCHESTRATOR_ACTOR_NAME
+from ._events import SEQ_KEY, TYPE_KEY, EventBatch
 from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
 
 API_APP_NAME = "llama_deploy_control_plane"
 MAX_WAIT_S = 300.0
+# A stream with nothing new sends a keep-alive this often, so idle streams outlive timeouts.
+KEEPALIVE_S = 15.0
+
+
+class SendEventRequest(BaseModel):
+    """An event for a running task: `event` holds its fields and `__type__`, its class name."""
+
+    service_name: str
+    event: dict[str, Any]
+
 
 app = FastAPI(
     title="llama-deploy-ray control plane",
@@ -126,6 +139,61 @@ class ControlPlaneAPI:
     @app.get("/sessions/{session_id}/current_task")
     async def get_current_task(self, session_id: str) -> TaskResult | None:
         return await self._control_plane.get_current_task.remote(session_id)
+
+    @app.get("/sessions/{session_id}/tasks/{task_id}/events")
+    async def stream_events(
+        self,
+        session_id: str,
+        task_id: str,
+        after: int = Query(default=0, ge=0, description="Resume after this sequence number."),
+        accept: str = Header(default="application/x-ndjson"),
+        last_event_id: int | None = Header(default=None),
+    ) -> StreamingResponse:
+        """The task's stream: NDJSON lines, or server-sent events when the request accepts
+        `text/event-stream` (which also resumes from `Last-Event-ID`). Ends with the task."""
+        sse = "text/event-stream" in accept
+        if sse and last_event_id is not None:
+            after = max(after, last_event_id)
+        # read once before answering, so an unknown task is a 404 and not an empty stream
+        first = await self._control_plane.read_events.remote(session_id, task_id, after, 0.0)
+        return StreamingResponse(
+            self._stream(session_id, task_id, after, first, sse),
+            media_type="text/event-stream" if sse else "application/x-ndjson",
+        )
+
+    async def _stream(
+        self, session_id: str, task_id: str, after: int, batch: EventBatch, sse: bool
+    ) -> AsyncIterator[str]:
+        while True:
+            for event in batch.events:
+                after = event[SEQ_KEY]
+                data = json.dumps(event)
+                yield (
+                    f"id: {after}\nevent: {event[TYPE_KEY]}\ndata: {data}\n\n"
+                    if sse
+                    else data + "\n"
+                )
+            if batch.closed:
+                return
+            if not batch.events:
+                yield ": keep-alive\n\n" if sse else "\n"
+            batch = await self._control_plane.read_events.remote(
+                session_id, task_id, after, KEEPALIVE_S
+            )
+
+    @app.post("/sessions/{session_id}/tasks/{task_id}/events")
+    async def send_event(self, session_id: str, task_id: str, body: SendEventRequest) -> None:
+        """Send an event into a running task (e.g. a HumanResponseEvent); exactly once."""
+        if TYPE_KEY not in body.event:
+            raise InvalidRequestError(f"the event has no {TYPE_KEY!r} naming its class")
+        await self._orchestrator.send_event.remote(
+            session_id, task_id, body.service_name, body.event
+        )
+
+    @app.post("/sessions/{session_id}/tasks/{task_id}/cancel")
+    async def cancel_task(self, session_id: str, task_id: str) -> TaskResult:
+        """Cancel a pending, running or waiting task and its children."""
+        return await self._orchestrator.cancel.remote(session_id, task_id)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/result")
     async def get_task_result(

@@ -4,9 +4,11 @@ sends it; the two clients differ only in how they send."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+from workflows.events import Event
 
 from . import _client_core as core
 from ._client_core import DEFAULT_POLL_INTERVAL, Call
@@ -43,6 +45,20 @@ class LlamaDeployClient:
         except httpx.TransportError as exc:
             raise core.transport_error(exc, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
+
+    def _stream(self, call: Call[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
+        kwargs = core.request_kwargs(call, self.timeout)
+        try:
+            with self._http.stream(call.method, call.path, **kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    core.read_response(call, response)
+                for line in response.iter_lines():
+                    item = call.parse(line)
+                    if item is not None:
+                        yield item
+        except httpx.TransportError as exc:
+            raise core.transport_error(exc, self.base_url, self.timeout) from exc
 
     def close(self) -> None:
         self._http.close()
@@ -116,6 +132,20 @@ class SessionClient:
         that long for it to finish first (the server holds the request; nothing polls)."""
         return self.client._send(core.get_task_result(self.session_id, task_id, wait_s))
 
+    def get_task_result_stream(self, task_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """The events the task's workflow streams, each as it happens, as dicts of the event's
+        fields plus `__type__` (its class name) and `__seq__` (its place in the stream; pass
+        the last one seen as `after` to resume). Ends when the task ends."""
+        return self.client._stream(core.stream_events(self.session_id, task_id, after))
+
+    def send_event(self, service_name: str, task_id: str, ev: Event) -> None:
+        """Send `ev` (e.g. a HumanResponseEvent) into the running task, exactly once."""
+        self.client._send(core.send_event(self.session_id, service_name, task_id, ev))
+
+    def cancel_task(self, task_id: str) -> TaskResult:
+        """Cancel the task (and tasks it started); returns its now-cancelled result."""
+        return self.client._send(core.cancel_task(self.session_id, task_id))
+
 
 class AsyncLlamaDeployClient:
     """The async twin of `LlamaDeployClient`, for many concurrent sessions.
@@ -141,6 +171,20 @@ class AsyncLlamaDeployClient:
         except httpx.TransportError as exc:
             raise core.transport_error(exc, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
+
+    async def _stream(self, call: Call[dict[str, Any] | None]) -> AsyncIterator[dict[str, Any]]:
+        kwargs = core.request_kwargs(call, self.timeout)
+        try:
+            async with self._http.stream(call.method, call.path, **kwargs) as response:
+                if not response.is_success:
+                    await response.aread()
+                    core.read_response(call, response)
+                async for line in response.aiter_lines():
+                    item = call.parse(line)
+                    if item is not None:
+                        yield item
+        except httpx.TransportError as exc:
+            raise core.transport_error(exc, self.base_url, self.timeout) from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -216,3 +260,17 @@ class AsyncSessionClient:
         """The task's status and, once final, its result or error; with `wait_s`, wait up to
         that long for it to finish first (the server holds the request; nothing polls)."""
         return await self.client._send(core.get_task_result(self.session_id, task_id, wait_s))
+
+    def get_task_result_stream(self, task_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """The events the task's workflow streams, each as it happens, as dicts of the event's
+        fields plus `__type__` (its class name) and `__seq__` (its place in the stream; pass
+        the last one seen as `after` to resume). Ends when the task ends."""
+        return self.client._stream(core.stream_events(self.session_id, task_id, after))
+
+    async def send_event(self, service_name: str, task_id: str, ev: Event) -> None:
+        """Send `ev` (e.g. a HumanResponseEvent) into the running task, exactly once."""
+        await self.client._send(core.send_event(self.session_id, service_name, task_id, ev))
+
+    async def cancel_task(self, task_id: str) -> TaskResult:
+        """Cancel the task (and tasks it started); returns its now-cancelled result."""
+        return await self.client._send(core.cancel_task(self.session_id, task_id))

@@ -11,15 +11,18 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 from pydantic import TypeAdapter
+from workflows.events import Event
 
 from ._errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployError,
+    TaskCancelledError,
     TaskFailedError,
     TaskTimeoutError,
     error_from_json,
 )
+from ._events import event_to_dict
 from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult, TaskStatus
 
 T = TypeVar("T")
@@ -143,8 +146,39 @@ def get_task_result(session_id: str, task_id: str, wait_s: float) -> Call[TaskRe
     )
 
 
+def stream_events(session_id: str, task_id: str, after: int) -> Call[dict[str, Any] | None]:
+    # the server sends a keep-alive line at least every 15 s; allow for it on each read
+    return Call(
+        "GET",
+        f"/sessions/{session_id}/tasks/{task_id}/events",
+        _event_line,
+        params={"after": after},
+        hold_s=15.0,
+    )
+
+
+def _event_line(line: str) -> dict[str, Any] | None:
+    """One NDJSON line of a stream: an event dict, or None for a keep-alive."""
+    return json.loads(line) if line.strip() else None
+
+
+def send_event(session_id: str, service_name: str, task_id: str, ev: Event) -> Call[None]:
+    return Call(
+        "POST",
+        f"/sessions/{session_id}/tasks/{task_id}/events",
+        _none,
+        body={"service_name": service_name, "event": event_to_dict(ev)},
+    )
+
+
+def cancel_task(session_id: str, task_id: str) -> Call[TaskResult]:
+    return Call("POST", f"/sessions/{session_id}/tasks/{task_id}/cancel", _result)
+
+
 def result_value(result: TaskResult) -> Any:
     """The workflow's result, or the task's failure raised as an error."""
+    if result.status is TaskStatus.CANCELLED:
+        raise TaskCancelledError(result.task_id, result.error or "cancelled")
     if result.status is TaskStatus.FAILED:
         error_cls = TaskTimeoutError if result.error_type == "WorkflowTimeoutError" else None
         raise (error_cls or TaskFailedError)(

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_NAMESPACE = "llama_deploy_ray"
+# the named actors of the core, in the namespace above
+CONTROL_PLANE_ACTOR_NAME = "llama_deploy_control_plane"
+ORCHESTRATOR_ACTOR_NAME = "llama_deploy_orchestrator"
 
 
 class ControlPlaneConfig(BaseSettings):
@@ -117,6 +120,14 @@ class WorkflowServiceConfig(BaseSettings):
     )
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     runtime_env: dict[str, Any] | None = None
+    input_hold_s: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "How long a task waiting for human input keeps its replica slot before it is "
+            "parked (snapshotted, replica freed) until an event is sent to it."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> WorkflowServiceConfig:

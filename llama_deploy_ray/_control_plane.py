@@ -3,19 +3,20 @@ sessions, every task's record and result, and each session's workflow state per 
 
 It is also the sequencer that keeps a session's tasks on one service in submission order:
 `start_task` returns when the task reaches the head of its (session, service) line, and
-`finish_task` moves the line on. Everything here is in-memory dict work with no awaits in the
-middle of an update, so each method is atomic on the actor's event loop.
+`finish_task` (or `cancel_task`) moves the line on. A task waiting for input keeps its place.
+Each task has an event stream and an inbox (see `_events`). Everything here is in-memory
+dict work with no awaits in the middle of an update, so each method is atomic on the actor's
+event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from typing import Any
-
-from pydantic import BaseModel
 
 from ._errors import (
     InvalidRequestError,
@@ -23,20 +24,20 @@ from ._errors import (
     ServiceNotFoundError,
     SessionNotFoundError,
     TaskNotFoundError,
+    TaskStateError,
 )
-from ._service import TaskOutcome
-from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult, TaskStatus
-
-CONTROL_PLANE_ACTOR_NAME = "llama_deploy_control_plane"
+from ._events import TYPE_KEY, EventBatch, EventLog
+from ._types import (
+    ServiceDefinition,
+    SessionDefinition,
+    StartedTask,
+    TaskDefinition,
+    TaskOutcome,
+    TaskResult,
+    TaskStatus,
+)
 
 _PairKey = tuple[str, str]
-
-
-class StartedTask(BaseModel):
-    """A task whose turn has come, with the state its session left on its service."""
-
-    task: TaskDefinition
-    state: dict[str, Any] | None = None
 
 
 class _Session:
@@ -58,11 +59,22 @@ class _Task:
         )
         self.done = asyncio.Event()
         self.turn = asyncio.Event()
+        self.stream = EventLog()
+        self.inbox = EventLog()
+        self.children: list[str] = []
+        self.snapshot: dict[str, Any] | None = None  # while waiting for input
+        self.inbox_seq = 0
+
+    def update(self, **fields: Any) -> TaskResult:
+        self.result = self.result.model_copy(update=fields)
+        return self.result
 
 
 class ControlPlane:
     def __init__(self) -> None:
         self._services: dict[str, ServiceDefinition] = {}
+        # event class names a service's workflow accepts from clients (None: not known)
+        self._accepted_events: dict[str, frozenset[str] | None] = {}
         self._sessions: dict[str, _Session] = {}
         self._tasks: dict[str, _Task] = {}
         # task ids waiting or running, per (session, service), head first
@@ -73,7 +85,9 @@ class ControlPlane:
 
     # services
 
-    async def register_service(self, definition: ServiceDefinition) -> ServiceDefinition:
+    async def register_service(
+        self, definition: ServiceDefinition, accepted_events: list[str] | None = None
+    ) -> ServiceDefinition:
         existing = self._services.get(definition.service_name)
         if existing is not None and existing != definition:
             raise ServiceConflictError(
@@ -81,11 +95,16 @@ class ControlPlane:
                 f"({existing.model_dump()}); deregister it first or pick another name"
             )
         self._services[definition.service_name] = definition
+        if accepted_events is not None or definition.service_name not in self._accepted_events:
+            self._accepted_events[definition.service_name] = (
+                None if accepted_events is None else frozenset(accepted_events)
+            )
         return definition
 
     async def deregister_service(self, service_name: str) -> None:
         if self._services.pop(service_name, None) is None:
             raise ServiceNotFoundError(service_name)
+        self._accepted_events.pop(service_name, None)
 
     async def get_service(self, service_name: str) -> ServiceDefinition:
         try:
@@ -143,6 +162,10 @@ class ControlPlane:
         if task.task_id in self._tasks:
             raise InvalidRequestError(f"a task with id {task.task_id!r} already exists")
         record = _Task(task, service_name, owner)
+        record.update(parent_task_id=task.parent_task_id)
+        parent = self._tasks.get(task.parent_task_id or "")
+        if parent is not None:
+            parent.children.append(task.task_id)
         self._tasks[task.task_id] = record
         session.task_ids.append(task.task_id)
         line = self._lines.setdefault((session.definition.session_id, service_name), deque())
@@ -151,58 +174,121 @@ class ControlPlane:
             record.turn.set()
         return record.result
 
-    async def start_task(self, task_id: str) -> StartedTask:
-        """Wait for the task's turn, mark it running and return the state it starts from."""
+    async def start_task(self, task_id: str) -> StartedTask | None:
+        """Wait for the task's turn, mark it running and return the state it starts from;
+        None if it was cancelled meanwhile."""
         record = self._task(task_id)
         await record.turn.wait()
-        record.result = record.result.model_copy(
-            update={"status": TaskStatus.RUNNING, "attempts": record.result.attempts + 1}
-        )
+        if record.result.status.is_final:
+            return None
+        record.update(status=TaskStatus.RUNNING, attempts=record.result.attempts + 1)
         session = self._sessions.get(record.definition.session_id or "")
         state = session.state.get(record.result.service_name or "") if session else None
         return StartedTask(task=record.definition, state=state)
 
-    async def begin_task(self, task: TaskDefinition, owner: str = "") -> StartedTask:
+    async def begin_task(self, task: TaskDefinition, owner: str = "") -> StartedTask | None:
         """`create_task` then `start_task`, in one call."""
         await self.create_task(task, owner)
         return await self.start_task(task.task_id)
 
     async def record_retry(self, task_id: str) -> None:
         record = self._task(task_id)
-        record.result = record.result.model_copy(update={"attempts": record.result.attempts + 1})
+        record.update(attempts=record.result.attempts + 1)
+
+    async def park_task(self, task_id: str, outcome: TaskOutcome) -> StartedTask | None:
+        """The task waits for input: keep its snapshot, free its replica. If an event
+        arrived while it was being parked, return it to be resumed at once."""
+        record = self._task(task_id)
+        if record.result.status.is_final:
+            return None
+        record.snapshot, record.inbox_seq = outcome.snapshot, outcome.inbox_seq
+        record.update(status=TaskStatus.WAITING)
+        if len(record.inbox) > record.inbox_seq:
+            return self._resume(record)
+        return None
+
+    async def deliver_event(
+        self, session_id: str, task_id: str, service_name: str, event: dict[str, Any]
+    ) -> StartedTask | None:
+        """Put `event` in the task's inbox; if the task was waiting, return it to be resumed."""
+        record = self._task_in_session(session_id, task_id)
+        if record.result.service_name != service_name:
+            raise InvalidRequestError(
+                f"task {task_id} runs on service {record.result.service_name!r}, "
+                f"not {service_name!r}"
+            )
+        if record.result.status.is_final:
+            raise TaskStateError(
+                f"task {task_id} is {record.result.status.value}: it takes no more events"
+            )
+        accepted = self._accepted_events.get(service_name)
+        if accepted is not None and event.get(TYPE_KEY) not in accepted:
+            raise InvalidRequestError(
+                f"service {service_name!r} accepts no event of type {event.get(TYPE_KEY)!r}; "
+                f"it accepts {sorted(accepted)}"
+            )
+        record.inbox.extend([event])
+        if record.result.status is TaskStatus.WAITING:
+            return self._resume(record)
+        return None
+
+    async def read_inbox(self, task_id: str, after: int, wait_s: float) -> EventBatch:
+        return await self._task(task_id).inbox.read(after, wait_s)
+
+    async def append_events(self, task_id: str, events: list[dict[str, Any]]) -> None:
+        """Add what the task's workflow streamed; a nested task's events reach its parents."""
+        record: _Task | None = self._task(task_id)
+        while record is not None:
+            record.stream.extend(events)
+            record = self._tasks.get(record.definition.parent_task_id or "")
+
+    async def read_events(
+        self, session_id: str, task_id: str, after: int, wait_s: float
+    ) -> EventBatch:
+        return await self._task_in_session(session_id, task_id).stream.read(after, wait_s)
+
+    async def cancel_task(self, session_id: str, task_id: str) -> list[str]:
+        """Cancel the task and its unfinished children; return the ids cancelled."""
+        record = self._task_in_session(session_id, task_id)
+        if record.result.status.is_final:
+            raise TaskStateError(f"task {task_id} is already {record.result.status.value}")
+        cancelled: list[str] = []
+        todo = [record]
+        while todo:
+            task = todo.pop()
+            todo.extend(self._tasks[c] for c in task.children if c in self._tasks)
+            if not task.result.status.is_final:
+                self._close(task, status=TaskStatus.CANCELLED, error="cancelled by a client")
+                cancelled.append(task.definition.task_id)
+        return cancelled
 
     async def finish_task(self, task_id: str, outcome: TaskOutcome) -> TaskResult:
         """Record the task's outcome and state, then let the next task in its line start."""
         record = self._task(task_id)
-        failed = outcome.error is not None
-        record.result = record.result.model_copy(
-            update={
-                "status": TaskStatus.FAILED if failed else TaskStatus.COMPLETED,
-                "result": outcome.result,
-                "error": outcome.error,
-                "error_type": outcome.error_type,
-                "finished_at": time.time(),
-            }
-        )
-        session_id = record.definition.session_id or ""
-        service_name = record.result.service_name or ""
-        session = self._sessions.get(session_id)
+        if record.result.status.is_final:  # cancelled while it ran
+            return record.result
+        session = self._sessions.get(record.definition.session_id or "")
         if session is not None and outcome.state is not None:
-            session.state[service_name] = outcome.state
-        self._advance_line((session_id, service_name), task_id)
-        record.done.set()
+            session.state[record.result.service_name or ""] = outcome.state
+        failed = outcome.error is not None
+        self._close(
+            record,
+            status=TaskStatus.FAILED if failed else TaskStatus.COMPLETED,
+            result=outcome.result,
+            error=outcome.error,
+            error_type=outcome.error_type,
+        )
         return record.result
 
     async def get_task_result(
         self, session_id: str, task_id: str, wait_s: float = 0.0
     ) -> TaskResult:
         """The task's result; with `wait_s`, first wait up to that long for it to finish."""
-        record = self._task(task_id)
-        if record.definition.session_id != session_id:
-            raise TaskNotFoundError(task_id)
+        record = self._task_in_session(session_id, task_id)
         if wait_s > 0 and not record.done.is_set():
+            timeout = None if math.isinf(wait_s) else wait_s
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(record.done.wait(), timeout=wait_s)
+                await asyncio.wait_for(record.done.wait(), timeout=timeout)
         return record.result
 
     async def list_tasks(self, session_id: str) -> list[TaskResult]:
@@ -227,6 +313,34 @@ class ControlPlane:
         return [r.definition.task_id for r in orphans]
 
     # helpers
+
+    def _close(self, record: _Task, **fields: Any) -> None:
+        """Make the task final: record it, end its logs, move its line on, wake waiters."""
+        record.snapshot = None
+        record.update(finished_at=time.time(), **fields)
+        record.stream.close()
+        record.inbox.close()
+        key = (record.definition.session_id or "", record.result.service_name or "")
+        self._advance_line(key, record.definition.task_id)
+        record.turn.set()  # a cancelled task still waiting for its turn stops waiting
+        record.done.set()
+
+    def _resume(self, record: _Task) -> StartedTask:
+        started = StartedTask(
+            task=record.definition,
+            state=record.snapshot,
+            resume=True,
+            inbox_seq=record.inbox_seq,
+        )
+        record.snapshot = None
+        record.update(status=TaskStatus.RUNNING)
+        return started
+
+    def _task_in_session(self, session_id: str, task_id: str) -> _Task:
+        record = self._task(task_id)
+        if record.definition.session_id != session_id:
+            raise TaskNotFoundError(task_id)
+        return record
 
     def _advance_line(self, key: _PairKey, task_id: str) -> None:
         line = self._lines.get(key)

@@ -12,16 +12,18 @@ from workflows import Workflow
 
 from ._api import API_APP_NAME, ControlPlaneAPI
 from ._config import (
+    CONTROL_PLANE_ACTOR_NAME,
+    ORCHESTRATOR_ACTOR_NAME,
     ControlPlaneConfig,
     SimpleMessageQueueConfig,
     SimpleOrchestratorConfig,
     WorkflowServiceConfig,
 )
-from ._control_plane import CONTROL_PLANE_ACTOR_NAME, ControlPlane
+from ._control_plane import ControlPlane
 from ._errors import ControlPlaneUnavailableError, InvalidRequestError
-from ._orchestrator import ORCHESTRATOR_ACTOR_NAME, SimpleOrchestrator
+from ._orchestrator import SimpleOrchestrator
 from ._packaging import pack_workflow
-from ._service import WorkflowService
+from ._service import WorkflowService, accepted_events
 from ._types import ServiceDefinition
 
 logger = logging.getLogger(__name__)
@@ -91,7 +93,9 @@ async def deploy_workflow(
     existing = {s.service_name: s for s in await control_plane.list_services.remote()}
     if existing.get(definition.service_name, definition) != definition:
         await control_plane.register_service.remote(definition)  # raises ServiceConflictError
-    application = WorkflowService.options(**workflow_config.deployment_options()).bind(packed)
+    application = WorkflowService.options(**workflow_config.deployment_options()).bind(
+        packed, config.namespace, workflow_config.input_hold_s
+    )
     await asyncio.to_thread(
         serve.run,
         application,
@@ -99,7 +103,8 @@ async def deploy_workflow(
         route_prefix=None,
         logging_config=_QUIET_ACCESS_LOG,
     )
-    return await control_plane.register_service.remote(definition)
+    events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
+    return await control_plane.register_service.remote(definition, events)
 
 
 def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:

@@ -8,9 +8,11 @@ over HTTP):
     │   └── TaskNotFoundError
     ├── InvalidRequestError              422
     ├── ServiceConflictError             409
+    ├── TaskStateError                   409 (e.g. an event sent to a finished task)
     ├── ControlPlaneUnavailableError     503
     └── TaskFailedError                  500 (on the task's result, not on the request)
-        └── TaskTimeoutError
+        ├── TaskTimeoutError
+        └── TaskCancelledError
 
 Every constructor argument is a string passed on to `Exception.__init__`, so each class pickles
 and survives a Ray actor boundary (it arrives wrapped as `RayTaskError(cls)`, still an instance
@@ -95,6 +97,12 @@ class ServiceConflictError(LlamaDeployError):
     status_code = 409
 
 
+class TaskStateError(LlamaDeployError):
+    """The task's status does not allow the request (it is already final, say)."""
+
+    status_code = 409
+
+
 class ControlPlaneUnavailableError(LlamaDeployError):
     status_code = 503
 
@@ -122,6 +130,10 @@ class TaskTimeoutError(TaskFailedError):
     """The workflow ran past its own timeout."""
 
 
+class TaskCancelledError(TaskFailedError):
+    """A client cancelled the task (or the task that started it)."""
+
+
 _BY_NAME: dict[str, type[LlamaDeployError]] = {
     cls.__name__: cls
     for cls in (
@@ -132,9 +144,11 @@ _BY_NAME: dict[str, type[LlamaDeployError]] = {
         TaskNotFoundError,
         InvalidRequestError,
         ServiceConflictError,
+        TaskStateError,
         ControlPlaneUnavailableError,
         TaskFailedError,
         TaskTimeoutError,
+        TaskCancelledError,
     )
 }
 

@@ -2,16 +2,15 @@
 
 A service's topic is its Ray Serve application: publishing a task is a call on the
 application's `DeploymentHandle`, the replicas' request queues are the mailboxes, and Serve's
-router gives each message to exactly one replica (competing consumers). The reply is awaited,
-so nothing polls for results.
+router gives each message to exactly one replica (competing consumers). The reply is a
+`DeploymentResponse` that is awaited (or cancelled), so nothing polls for results.
 """
 
 from __future__ import annotations
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from ._service import TaskOutcome
 from ._types import QueueMessage
 
 
@@ -19,10 +18,10 @@ class RayMessageQueue:
     def __init__(self) -> None:
         self._handles: dict[str, DeploymentHandle] = {}
 
-    async def publish(self, message: QueueMessage) -> TaskOutcome:
-        """Deliver `message` to one replica of the service named by its `type` and return
-        what the replica reports."""
-        return await self._handle(message.type).process_message.remote(message)
+    def publish(self, message: QueueMessage) -> DeploymentResponse:
+        """Deliver `message` to one replica of the service named by its `type`; await the
+        response for the replica's `TaskOutcome`."""
+        return self._handle(message.type).process_message.remote(message)
 
     def _handle(self, service_name: str) -> DeploymentHandle:
         handle = self._handles.get(service_name)

@@ -20,6 +20,7 @@ from workflows import Workflow, step
 from workflows.events import StartEvent, StopEvent
 
 from ._errors import InvalidRequestError
+from ._nested import NESTED_ATTR, add_workflows, bound_step_names
 
 
 class _Probe(Workflow):
@@ -46,6 +47,7 @@ class PackedWorkflow(BaseModel):
     import_path: str | None = None
     payload: bytes | None = None
     name: str
+    nested: dict[str, PackedWorkflow] = {}
 
 
 def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
@@ -59,7 +61,10 @@ def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
         )
     cls = type(workflow)
     options = {opt: getattr(workflow, attr) for opt, attr in _INIT_OPTIONS.items()}
-    user_attrs = {k: v for k, v in workflow.__dict__.items() if k not in _FRAMEWORK_ATTRS}
+    # nested workflows travel packed on their own; add_workflows binds them again
+    skip = _FRAMEWORK_ATTRS | {NESTED_ATTR} | bound_step_names(workflow)
+    user_attrs = {k: v for k, v in workflow.__dict__.items() if k not in skip}
+    nested = {n: pack_workflow(w) for n, w in workflow.__dict__.get(NESTED_ATTR, {}).items()}
     module = sys.modules.get(cls.__module__)
     by_value = module is not None and cls.__module__ != "__main__"
     if by_value:
@@ -75,7 +80,7 @@ def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
-    return PackedWorkflow(payload=payload, name=cls.__name__)
+    return PackedWorkflow(payload=payload, name=cls.__name__, nested=nested)
 
 
 def unpack_workflow(packed: PackedWorkflow) -> Workflow:
@@ -93,6 +98,8 @@ def unpack_workflow(packed: PackedWorkflow) -> Workflow:
     workflow = cls.__new__(cls)
     Workflow.__init__(workflow, **options)
     workflow.__dict__.update(user_attrs)
+    if packed.nested:
+        add_workflows(workflow, **{n: unpack_workflow(p) for n, p in packed.nested.items()})
     return workflow
 
 

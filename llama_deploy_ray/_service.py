@@ -2,57 +2,120 @@
 
 A replica takes a task from its request queue (the service's topic on the Ray-native message
 queue), restores the session's context for this service, runs the workflow and hands back the
-result with the context's new state. It keeps nothing between tasks, so any replica can take
-any task, and a replica that dies loses only the tasks it was running (the orchestrator sends
-those again).
+result with the context's new state. While it runs, the events the workflow writes to its
+stream are pushed to the control plane in batches. It keeps nothing between tasks, so any
+replica can take any task, and a replica that dies loses only the tasks it was running (the
+orchestrator sends those again).
+
+Human input: once the workflow writes an `InputRequiredEvent`, the replica reads the task's
+inbox on the control plane and sends what arrives into the run. If the workflow still waits
+for input after `input_hold_s`, the replica snapshots the context, ends the run and reports the
+task as waiting: it holds no replica slot until an event arrives, and then any replica resumes
+it from the snapshot (time spent waiting does not count against the workflow's timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
-from pydantic import BaseModel
+import ray
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 from ray import serve
-from workflows import Context
+from workflows import Context, Workflow
 from workflows.context import PickleSerializer
+from workflows.errors import WorkflowCancelledByUser
+from workflows.events import Event, HumanResponseEvent, InputRequiredEvent, StopEvent
+from workflows.handler import WorkflowHandler
 
+from . import _nested
+from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from ._events import SEQ_KEY, event_from_dict, event_to_dict
 from ._packaging import PackedWorkflow, unpack_workflow
-from ._types import QueueMessage, TaskDefinition
+from ._types import QueueMessage, TaskDefinition, TaskOutcome
 
 # JSON where it can, pickle where it must: state may hold any object a step put there.
 _STATE_SERIALIZER = PickleSerializer()
 
 
-class TaskOutcome(BaseModel):
-    """What a replica reports for one task; `state` is None when there is nothing to keep."""
-
-    result: Any = None
-    error: str | None = None
-    error_type: str | None = None
-    state: dict[str, Any] | None = None
+def accepted_events(workflow: Workflow) -> dict[str, type[Event]]:
+    """The event classes a client may send into a run of `workflow`, by name."""
+    classes: dict[str, type[Event]] = {HumanResponseEvent.__name__: HumanResponseEvent}
+    for step_fn in workflow._get_steps().values():
+        for cls in step_fn._step_config.accepted_events:
+            classes[cls.__name__] = cls
+    return classes
 
 
 @serve.deployment
 class WorkflowService:
-    def __init__(self, packed: PackedWorkflow) -> None:
+    def __init__(self, packed: PackedWorkflow, namespace: str, input_hold_s: float) -> None:
         self._workflow = unpack_workflow(packed)
+        self._accepted = accepted_events(self._workflow)
+        self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
+        self._input_hold_s = input_hold_s
+        _nested.attach_actors(self._control_plane, ORCHESTRATOR_ACTOR_NAME, namespace)
 
     async def process_message(self, message: QueueMessage) -> TaskOutcome:
-        """Run the task in `message` from the session state it carries."""
+        """Run (or resume) the task in `message` from the state it carries."""
         task: TaskDefinition = message.data["task"]
         state: dict[str, Any] | None = message.data.get("state")
+        resume: bool = message.data.get("resume", False)
         ctx = None
         if state:
-            # A new task is a new run on the session's state: its timeout starts from zero,
-            # instead of the alive time the session's earlier runs spent.
-            fresh = {**state, "elapsed_alive": 0.0, "last_alive_stamp": None}
-            ctx = Context.from_dict(self._workflow, fresh, serializer=_STATE_SERIALIZER)
-        handler = self._workflow.run(ctx=ctx, **task.run_kwargs)
+            if not resume:
+                # A new task is a new run on the session's state: its timeout starts from
+                # zero, not from the alive time the session's earlier runs spent.
+                state = {**state, "elapsed_alive": 0.0, "last_alive_stamp": None}
+            ctx = Context.from_dict(self._workflow, state, serializer=_STATE_SERIALIZER)
+        token = _nested.CURRENT_TASK.set(task)
         try:
-            result = await handler
+            handler = self._workflow.run(ctx=ctx, **({} if resume else task.run_kwargs))
+        finally:
+            _nested.CURRENT_TASK.reset(token)
+        run = _TaskRun(self, task.task_id, handler, message.data.get("inbox_seq", 0))
+        return await run.outcome(listen=resume, had_state=state is not None)
+
+
+class _TaskRun:
+    """One run of a workflow in a replica: its result, its stream, its inbox."""
+
+    def __init__(
+        self, service: WorkflowService, task_id: str, handler: WorkflowHandler, inbox_seq: int
+    ) -> None:
+        self._service = service
+        self._task_id = task_id
+        self._handler = handler
+        self._inbox_seq = inbox_seq
+        self._awaiting_input = 0
+        self._listener: asyncio.Task[None] | None = None
+        self._snapshot: dict[str, Any] | None = None
+        self._buffer: list[dict[str, Any]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def outcome(self, *, listen: bool, had_state: bool) -> TaskOutcome:
+        if listen:
+            self._awaiting_input = 1
+            self._start_listener()
+        pump = asyncio.create_task(self._pump())
+        try:
+            result = await self._handler
+        except asyncio.CancelledError:
+            await self._handler.cancel_run()
+            raise
+        except WorkflowCancelledByUser as exc:
+            if self._snapshot is None:
+                return TaskOutcome(error=str(exc) or "cancelled", error_type=type(exc).__name__)
+            await self._flush(pump)
+            return TaskOutcome(snapshot=self._snapshot, inbox_seq=self._inbox_seq)
         except Exception as exc:
+            await self._flush(pump)
             return TaskOutcome(error=str(exc) or repr(exc), error_type=type(exc).__name__)
+        finally:
+            if self._listener is not None:
+                self._listener.cancel()
+        await self._flush(pump)
         try:
             result = to_jsonable_python(result)
         except PydanticSerializationError as exc:
@@ -64,7 +127,60 @@ class WorkflowService:
                 ),
                 error_type="ResultNotSerializableError",
             )
-        if state is None and not (await handler.ctx.store.get_state()).model_dump():
+        ctx = self._handler.ctx
+        if not had_state and not (await ctx.store.get_state()).model_dump():
             # nothing to keep: skip serializing a context whose store was never written
             return TaskOutcome(result=result)
-        return TaskOutcome(result=result, state=handler.ctx.to_dict(serializer=_STATE_SERIALIZER))
+        return TaskOutcome(result=result, state=ctx.to_dict(serializer=_STATE_SERIALIZER))
+
+    # the stream
+
+    async def _pump(self) -> None:
+        async for event in self._handler.stream_events():
+            if isinstance(event, StopEvent):
+                continue
+            self._buffer.append(event_to_dict(event))
+            if self._sender is None or self._sender.done():
+                self._sender = asyncio.create_task(self._send())
+            if isinstance(event, InputRequiredEvent):
+                self._awaiting_input += 1
+                self._start_listener()
+
+    async def _send(self) -> None:
+        # one batch in flight at a time: what arrives meanwhile goes in the next batch
+        while self._buffer:
+            batch, self._buffer = self._buffer, []
+            await self._service._control_plane.append_events.remote(self._task_id, batch)
+
+    async def _flush(self, pump: asyncio.Task[None]) -> None:
+        with contextlib.suppress(Exception):
+            await pump
+        while self._sender is not None and not self._sender.done():
+            await self._sender
+        if self._buffer:
+            await self._send()
+
+    # the inbox
+
+    def _start_listener(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        service = self._service
+        while True:
+            batch = await service._control_plane.read_inbox.remote(
+                self._task_id, self._inbox_seq, service._input_hold_s
+            )
+            for data in batch.events:
+                self._handler.ctx.send_event(event_from_dict(data, service._accepted))
+                self._inbox_seq = data[SEQ_KEY]
+                self._awaiting_input = max(0, self._awaiting_input - 1)
+            if not batch.events and self._awaiting_input > 0:
+                await self._park()
+                return
+
+    async def _park(self) -> None:
+        """Nobody answered in time: keep the run's context and end the run."""
+        self._snapshot = self._handler.ctx.to_dict(serializer=_STATE_SERIALIZER)
+        await self._handler.cancel_run()

@@ -23,15 +23,17 @@ def _new_id() -> str:
 class TaskStatus(str, Enum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # for an event sent into it (human input); holds no replica slot
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED})
+FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 
 class TaskDefinition(BaseModel):
@@ -44,6 +46,9 @@ class TaskDefinition(BaseModel):
     task_id: str = Field(default_factory=_new_id, min_length=1)
     session_id: str | None = None
     agent_id: str | None = Field(default=None, description="The service that runs the task.")
+    parent_task_id: str | None = Field(
+        default=None, description="The task whose workflow started this one (nested workflows)."
+    )
 
     @field_validator("input")
     @classmethod
@@ -69,6 +74,7 @@ class TaskResult(BaseModel):
     task_id: str
     session_id: str | None = None
     service_name: str | None = None
+    parent_task_id: str | None = None
     status: TaskStatus
     result: Any = None
     error: str | None = Field(default=None, description="Why the task failed, if it did.")
@@ -112,3 +118,26 @@ class QueueMessage(BaseModel):
     action: str = "new_task"
     data: dict[str, Any] = Field(default_factory=dict)
     stats: dict[str, float] = Field(default_factory=dict)
+
+
+class TaskOutcome(BaseModel):
+    """What a replica reports for one task; `state` is None when there is nothing to keep.
+    A task that waits for input has `snapshot` (its context) and `inbox_seq` (the last inbox
+    event it took) instead of a result."""
+
+    result: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    state: dict[str, Any] | None = None
+    snapshot: dict[str, Any] | None = None
+    inbox_seq: int = 0
+
+
+class StartedTask(BaseModel):
+    """A task whose turn has come, with the state its session left on its service; or a task
+    that waited for input, to `resume` from its snapshot after inbox event `inbox_seq`."""
+
+    task: TaskDefinition
+    state: dict[str, Any] | None = None
+    resume: bool = False
+    inbox_seq: int = 0

@@ -24,9 +24,11 @@ from llama_deploy_ray import (
     ServiceNotFoundError,
     SessionClient,
     SessionNotFoundError,
+    TaskCancelledError,
     TaskDefinition,
     TaskFailedError,
     TaskNotFoundError,
+    TaskStateError,
     TaskTimeoutError,
     WorkflowServiceConfig,
 )
@@ -44,6 +46,8 @@ ERRORS = [
     ControlPlaneUnavailableError("down"),
     TaskFailedError("tid", "boom", "ValueError"),
     TaskTimeoutError("tid", "timed out", "WorkflowTimeoutError"),
+    TaskCancelledError("tid", "cancelled by a client"),
+    TaskStateError("already completed"),
 ]
 
 
@@ -83,7 +87,11 @@ def test_sync_and_async_clients_have_the_same_methods(sync_cls, async_cls) -> No
     assert sync_methods.keys() == async_methods.keys()
     for name, signature in sync_methods.items():
         assert list(signature.parameters) == list(async_methods[name].parameters), name
-        assert inspect.iscoroutinefunction(getattr(async_cls, name)), name
+        method = getattr(async_cls, name)
+        if name.endswith("_stream"):  # an async iterator, consumed with `async for`
+            assert "AsyncIterator" in str(inspect.signature(method).return_annotation), name
+        else:
+            assert inspect.iscoroutinefunction(method), name
 
 
 @pytest.mark.parametrize("error", ERRORS, ids=lambda e: type(e).__name__)

@@ -7,7 +7,16 @@ import os
 import time
 from pathlib import Path
 
-from llama_index.core.workflow import Context, StartEvent, StopEvent, Workflow, step
+from llama_index.core.workflow import (
+    Context,
+    Event,
+    HumanResponseEvent,
+    InputRequiredEvent,
+    StartEvent,
+    StopEvent,
+    Workflow,
+    step,
+)
 from ray import serve
 
 
@@ -81,3 +90,71 @@ class DiesOnceWorkflow(Workflow):
             marker.write_text(str(os.getpid()))
             os._exit(1)
         return StopEvent(result=f"survived, first replica was pid {marker.read_text()}")
+
+
+class Progress(Event):
+    step: int
+
+
+class StreamingWorkflow(Workflow):
+    """Writes three events, `pause` seconds apart."""
+
+    @step()
+    async def run_step(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        for i in range(3):
+            ctx.write_event_to_stream(Progress(step=i))
+            await asyncio.sleep(float(ev.get("pause", 0.7)))
+        return StopEvent(result="streamed")
+
+
+class HumanWorkflow(Workflow):
+    """The classic human-in-the-loop pattern."""
+
+    @step()
+    async def ask(self, ev: StartEvent) -> InputRequiredEvent:
+        return InputRequiredEvent(prefix="Enter a number: ")
+
+    @step()
+    async def answer(self, ev: HumanResponseEvent) -> StopEvent:
+        return StopEvent(result=ev.response)
+
+
+class InnerWorkflow(Workflow):
+    """The seed's inner workflow; it also streams an event."""
+
+    @step()
+    async def run_step(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        arg1 = ev.get("arg1")
+        if not arg1:
+            raise ValueError("arg1 is required.")
+        ctx.write_event_to_stream(Progress(step=100))
+        await asyncio.sleep(float(ev.get("seconds", 0)))
+        return StopEvent(result=str(arg1) + "_result")
+
+
+class LocalInnerWorkflow(Workflow):
+    """A local fallback whose result differs from the deployed inner service's."""
+
+    @step()
+    async def run_step(self, ev: StartEvent) -> StopEvent:
+        return StopEvent(result=str(ev.get("arg1")) + "_local")
+
+
+class OuterWorkflow(Workflow):
+    """The seed's outer workflow."""
+
+    @step()
+    async def run_step(self, ev: StartEvent, inner: InnerWorkflow) -> StopEvent:
+        arg1 = ev.get("arg1")
+        if not arg1:
+            raise ValueError("arg1 is required.")
+        arg1 = await inner.run(arg1=arg1, seconds=ev.get("seconds", 0))
+        return StopEvent(result=str(arg1) + "_result")
+
+
+class HelperOuterWorkflow(Workflow):
+    """Nests a workflow under a name no service has: it always runs locally."""
+
+    @step()
+    async def run_step(self, ev: StartEvent, helper: Workflow) -> StopEvent:
+        return StopEvent(result=str(await helper.run(arg1=ev.get("arg1"))) + "_result")

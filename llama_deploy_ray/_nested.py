@@ -1,0 +1,111 @@
+"""Nested workflows: `add_workflows(outer, inner=InnerWorkflow())`.
+
+llama_deploy's `outer.add_workflows(inner=...)` let a step declare `inner: InnerWorkflow` and
+call `await inner.run(...)`; workflows 2.x removed both. `add_workflows` brings them back: it
+binds, on the instance, a wrapper of every step that has a parameter of one of the given
+names, which passes that parameter in. What the step receives runs the workflow as a child
+task on the deployed service of the same name when there is one (through the orchestrator:
+retries, the child's own timeout, in the parent's session, its events in the parent's
+stream), and runs the local instance otherwise (outside a deployment, or when no such service
+is registered).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from contextvars import ContextVar
+from typing import Any
+
+import ray
+from workflows import Workflow
+
+from ._client_core import result_value, task_definition
+from ._errors import InvalidRequestError, ServiceNotFoundError
+from ._types import TaskDefinition
+
+NESTED_ATTR = "_llama_deploy_nested"
+
+# The task a replica is running; set around `workflow.run` so that its steps inherit it.
+CURRENT_TASK: ContextVar[TaskDefinition | None] = ContextVar("current_task", default=None)
+
+# Set in each replica: the actors a nested workflow's child task goes through.
+_actors: dict[str, ray.actor.ActorHandle] = {}
+
+
+def attach_actors(control_plane: ray.actor.ActorHandle, orchestrator_name: str, ns: str) -> None:
+    _actors["control_plane"] = control_plane
+    _actors["orchestrator"] = ray.get_actor(orchestrator_name, namespace=ns)
+
+
+def add_workflows(workflow: Workflow, **workflows: Workflow) -> None:
+    """Let `workflow`'s steps take the named workflows as parameters.
+
+    outer = OuterWorkflow()
+    add_workflows(outer, inner=InnerWorkflow())
+    # a step `async def run_step(self, ev: StartEvent, inner: InnerWorkflow)` then gets
+    # `inner`, and `await inner.run(arg1=...)` returns its result
+    """
+    nested: dict[str, Workflow] = {**getattr(workflow, NESTED_ATTR, {}), **workflows}
+    for name, inner in workflows.items():
+        if not isinstance(inner, Workflow):
+            raise InvalidRequestError(
+                f"{name}= must be a Workflow instance, got {type(inner).__name__}"
+            )
+    bound = 0
+    for step_name, step_fn in type(workflow)._get_steps_from_class().items():
+        function = getattr(step_fn, "__func__", step_fn)
+        wanted = [p for p in inspect.signature(function).parameters if p in nested]
+        if wanted:
+            setattr(workflow, step_name, _bind(workflow, function, wanted))
+            bound += 1
+    if not bound:
+        raise InvalidRequestError(
+            f"no step of {type(workflow).__name__} has a parameter named "
+            f"{' or '.join(sorted(workflows))}"
+        )
+    workflow.__dict__[NESTED_ATTR] = nested
+
+
+def bound_step_names(workflow: Workflow) -> set[str]:
+    """The instance attributes `add_workflows` set (they are rebuilt, not shipped)."""
+    return {k for k, v in workflow.__dict__.items() if isinstance(v, types.MethodType)}
+
+
+def _bind(workflow: Workflow, function: Any, names: list[str]) -> types.MethodType:
+    async def step_with_workflows(self: Workflow, *args: Any, **kwargs: Any) -> Any:
+        nested = self.__dict__[NESTED_ATTR]
+        for name in names:
+            kwargs[name] = NestedWorkflow(name, nested[name])
+        return await function(self, *args, **kwargs)
+
+    step_with_workflows._step_config = function._step_config  # type: ignore[attr-defined]
+    step_with_workflows.__name__ = function.__name__
+    return types.MethodType(step_with_workflows, workflow)
+
+
+class NestedWorkflow:
+    """What a step gets for a nested workflow: `await nested.run(**kwargs)` returns its result."""
+
+    def __init__(self, service_name: str, local: Workflow) -> None:
+        self.service_name = service_name
+        self.local = local
+
+    async def run(self, **kwargs: Any) -> Any:
+        parent = CURRENT_TASK.get()
+        if parent is not None and await self._deployed():
+            return await self._run_child(parent, kwargs)
+        return await self.local.run(**kwargs)
+
+    async def _deployed(self) -> bool:
+        try:
+            await _actors["control_plane"].get_service.remote(self.service_name)
+        except ServiceNotFoundError:
+            return False
+        return True
+
+    async def _run_child(self, parent: TaskDefinition, kwargs: dict[str, Any]) -> Any:
+        child = task_definition(self.service_name, kwargs).model_copy(
+            update={"session_id": parent.session_id, "parent_task_id": parent.task_id}
+        )
+        return result_value(await _actors["orchestrator"].run.remote(child))
