@@ -89,11 +89,16 @@ class AutoscalingConfig(BaseModel):
 
 
 class RayActorOptions(BaseModel):
-    """Resources each replica asks Ray for (Serve's `ray_actor_options`)."""
+    """Resources each replica asks Ray for (Serve's `ray_actor_options`).
+
+    A replica asks for a quarter CPU by default, not Serve's whole one: workflows mostly await
+    LLMs and tools, and a laptop with 2 cores can then hold 8 replicas. Give CPU-bound
+    workflows `num_cpus=1` or more.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(default=1.0, ge=0)
+    num_cpus: float = Field(default=0.25, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     memory: int | None = Field(default=None, ge=0, description="Bytes.")
     resources: dict[str, float] = Field(default_factory=dict)

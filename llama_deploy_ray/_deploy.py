@@ -93,6 +93,7 @@ async def deploy_workflow(
     existing = {s.service_name: s for s in await control_plane.list_services.remote()}
     if existing.get(definition.service_name, definition) != definition:
         await control_plane.register_service.remote(definition)  # raises ServiceConflictError
+    _warn_if_it_cannot_fit(workflow_config)
     application = WorkflowService.options(**workflow_config.deployment_options()).bind(
         packed, config.namespace, workflow_config.input_hold_s
     )
@@ -105,6 +106,24 @@ async def deploy_workflow(
     )
     events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
     return await control_plane.register_service.remote(definition, events)
+
+
+def _warn_if_it_cannot_fit(config: WorkflowServiceConfig) -> None:
+    """serve.run waits until the replicas run; say why when they cannot be placed."""
+    replicas = config.autoscaling.min_replicas if config.autoscaling else config.num_replicas or 1
+    wanted = replicas * config.ray_actor_options.num_cpus
+    free = ray.available_resources().get("CPU", 0.0)
+    if wanted > free:
+        logger.warning(
+            "service %r asks for %.2f CPU (%d replicas x %.2f) but the cluster has %.2f free; "
+            "deploy_workflow waits until it can place them (an autoscaling cluster adds "
+            "nodes, a fixed one never will): lower ray_actor_options.num_cpus or free CPUs",
+            config.service_name,
+            wanted,
+            replicas,
+            config.ray_actor_options.num_cpus,
+            free,
+        )
 
 
 def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:

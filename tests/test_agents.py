@@ -47,7 +47,7 @@ def service(name: str, **options) -> WorkflowServiceConfig:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConfig:
     outer = OuterWorkflow(timeout=60)
-    add_workflows(outer, inner=LocalInnerWorkflow())
+    add_workflows(outer, child=LocalInnerWorkflow())
     helper_outer = HelperOuterWorkflow()
     add_workflows(helper_outer, helper=LocalInnerWorkflow())
     await asyncio.gather(
@@ -56,8 +56,8 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
             HumanWorkflow(timeout=3), service("human", input_hold_s=0.5), control_plane_config
         ),
         deploy_workflow(HumanWorkflow(), service("human_x2", num_replicas=2), control_plane_config),
-        deploy_workflow(InnerWorkflow(timeout=60), service("inner"), control_plane_config),
-        deploy_workflow(outer, service("outer"), control_plane_config),
+        deploy_workflow(InnerWorkflow(timeout=60), service("child"), control_plane_config),
+        deploy_workflow(outer, service("parent"), control_plane_config),
         deploy_workflow(helper_outer, service("helper_outer"), control_plane_config),
         deploy_workflow(
             SleepWorkflow(timeout=60),
@@ -227,9 +227,9 @@ def test_bad_events_are_refused(client: LlamaDeployClient) -> None:
 
 def test_nested_workflow_runs_on_the_deployed_service(client: LlamaDeployClient) -> None:
     session = client.create_session()
-    assert session.run("outer", arg1="hello_world") == "hello_world_result_result"
+    assert session.run("parent", arg1="hello_world") == "hello_world_result_result"
     parent, child = sorted(session.get_tasks(), key=lambda t: t.created_at)
-    assert parent.service_name == "outer" and child.service_name == "inner"
+    assert parent.service_name == "parent" and child.service_name == "child"
     assert child.parent_task_id == parent.task_id
     assert child.status is TaskStatus.COMPLETED
 
@@ -243,13 +243,13 @@ def test_nested_workflow_falls_back_to_the_local_instance(client: LlamaDeployCli
 
 def test_child_events_reach_the_parent_stream(client: LlamaDeployClient) -> None:
     session = client.create_session()
-    task_id = session.run_nowait("outer", arg1="a")
+    task_id = session.run_nowait("parent", arg1="a")
     assert [e["step"] for e in session.get_task_result_stream(task_id)] == [100]
 
 
 def test_a_failing_child_fails_the_parent(client: LlamaDeployClient) -> None:
     with pytest.raises(TaskFailedError, match=r"arg1 is required"):
-        client.create_session().run("inner")
+        client.create_session().run("child")
 
 
 # cancellation
@@ -282,7 +282,7 @@ def test_cancel_a_queued_task(client: LlamaDeployClient) -> None:
 
 async def test_cancel_reaches_children(aclient: AsyncLlamaDeployClient) -> None:
     session = await aclient.create_session()
-    task_id = await session.run_nowait("outer", arg1="x", seconds=60)
+    task_id = await session.run_nowait("parent", arg1="x", seconds=60)
     for _ in range(200):
         tasks = await session.get_tasks()
         if len(tasks) == 2 and tasks[1].status is TaskStatus.RUNNING:

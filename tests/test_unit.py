@@ -163,7 +163,9 @@ def test_deployment_options_reach_serve() -> None:
         "resources": {"tpu": 1},
         "runtime_env": {"env_vars": {"A": "1"}},
     }
-    assert WorkflowServiceConfig(service_name="s").deployment_options()["num_replicas"] == 1
+    default = WorkflowServiceConfig(service_name="s").deployment_options()
+    assert default["num_replicas"] == 1
+    assert default["ray_actor_options"]["num_cpus"] == 0.25
 
 
 def test_task_definition_input_must_be_a_json_object() -> None:

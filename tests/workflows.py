@@ -141,14 +141,14 @@ class LocalInnerWorkflow(Workflow):
 
 
 class OuterWorkflow(Workflow):
-    """The seed's outer workflow."""
+    """The seed's outer workflow, nesting a workflow named `child`."""
 
     @step()
-    async def run_step(self, ev: StartEvent, inner: InnerWorkflow) -> StopEvent:
+    async def run_step(self, ev: StartEvent, child: InnerWorkflow) -> StopEvent:
         arg1 = ev.get("arg1")
         if not arg1:
             raise ValueError("arg1 is required.")
-        arg1 = await inner.run(arg1=arg1, seconds=ev.get("seconds", 0))
+        arg1 = await child.run(arg1=arg1, seconds=ev.get("seconds", 0))
         return StopEvent(result=str(arg1) + "_result")
 
 

@@ -29,7 +29,7 @@ async def main() -> None:
     await deploy_core(ControlPlaneConfig(), SimpleMessageQueueConfig(), blocking=False)
     await deploy_workflow(
         MyWorkflow(),
-        WorkflowServiceConfig(service_name="my_workflow", ray_actor_options={"num_cpus": 0}),
+        WorkflowServiceConfig(service_name="my_workflow"),
         ControlPlaneConfig(),
     )
     async with AsyncLlamaDeployClient(ControlPlaneConfig()) as client:
