@@ -36,6 +36,16 @@ class ControlPlaneConfig(BaseSettings):
     request_timeout_s: float = Field(
         default=60.0, gt=0, description="Default client timeout for one request."
     )
+    task_retention_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="How long a finished task's record, result and events are kept.",
+    )
+    session_retention_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="How long a session with no tasks left and no new task is kept.",
+    )
 
     @property
     def url(self) -> str:

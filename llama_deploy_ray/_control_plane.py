@@ -43,8 +43,9 @@ _PairKey = tuple[str, str]
 class _Session:
     def __init__(self, definition: SessionDefinition) -> None:
         self.definition = definition
-        self.task_ids: list[str] = []
+        self.task_ids: dict[str, None] = {}  # in submission order
         self.state: dict[str, dict[str, Any]] = {}
+        self.last_active = time.monotonic()
 
 
 class _Task:
@@ -71,7 +72,12 @@ class _Task:
 
 
 class ControlPlane:
-    def __init__(self) -> None:
+    def __init__(self, task_retention_s: float, session_retention_s: float) -> None:
+        self._task_retention_s = task_retention_s
+        self._session_retention_s = session_retention_s
+        # final tasks, oldest first, dropped `task_retention_s` after they ended
+        self._finished: deque[tuple[float, str]] = deque()
+        self._next_session_sweep = 0.0
         self._services: dict[str, ServiceDefinition] = {}
         # event class names a service's workflow accepts from clients (None: not known)
         self._accepted_events: dict[str, frozenset[str] | None] = {}
@@ -145,6 +151,15 @@ class ControlPlane:
             if task is not None and task.result.status.is_final:
                 del self._tasks[task_id]
 
+    async def sizes(self) -> dict[str, int]:
+        """How much the control plane holds (for monitoring and the benchmarks)."""
+        return {
+            "services": len(self._services),
+            "sessions": len(self._sessions),
+            "tasks": len(self._tasks),
+            "finished_tasks": len(self._finished),
+        }
+
     async def get_session_state(self, session_id: str) -> dict[str, dict[str, Any]]:
         return dict(self._session(session_id).state)
 
@@ -167,7 +182,8 @@ class ControlPlane:
         if parent is not None:
             parent.children.append(task.task_id)
         self._tasks[task.task_id] = record
-        session.task_ids.append(task.task_id)
+        session.task_ids[task.task_id] = None
+        session.last_active = time.monotonic()
         line = self._lines.setdefault((session.definition.session_id, service_name), deque())
         line.append(task.task_id)
         if len(line) == 1:
@@ -318,12 +334,31 @@ class ControlPlane:
         """Make the task final: record it, end its logs, move its line on, wake waiters."""
         record.snapshot = None
         record.update(finished_at=time.time(), **fields)
+        self._finished.append((time.monotonic(), record.definition.task_id))
+        self._drop_expired()
         record.stream.close()
         record.inbox.close()
         key = (record.definition.session_id or "", record.result.service_name or "")
         self._advance_line(key, record.definition.task_id)
         record.turn.set()  # a cancelled task still waiting for its turn stops waiting
         record.done.set()
+
+    def _drop_expired(self) -> None:
+        """Forget final tasks past their retention, and sessions idle past theirs."""
+        now = time.monotonic()
+        while self._finished and self._finished[0][0] < now - self._task_retention_s:
+            _, task_id = self._finished.popleft()
+            record = self._tasks.pop(task_id, None)
+            session = self._sessions.get(record.definition.session_id or "") if record else None
+            if session is not None:
+                session.task_ids.pop(task_id, None)
+        if now < self._next_session_sweep:
+            return
+        self._next_session_sweep = now + min(60.0, self._session_retention_s)
+        for session_id, session in list(self._sessions.items()):
+            idle = session.last_active < now - self._session_retention_s
+            if idle and all(t not in self._tasks for t in session.task_ids):
+                del self._sessions[session_id]
 
     def _resume(self, record: _Task) -> StartedTask:
         started = StartedTask(

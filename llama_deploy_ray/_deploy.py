@@ -156,7 +156,7 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             max_restarts=-1,
             num_cpus=0,
         )
-        .remote()
+        .remote(config.task_retention_s, config.session_retention_s)
     )
     ray.get(control_plane.ready.remote())
     orchestrator = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import pickle
 
@@ -201,3 +202,34 @@ def test_unpicklable_workflow_attributes_are_named() -> None:
     workflow.lock = threading.Lock()
     with pytest.raises(InvalidRequestError, match="import path"):
         pack_workflow(workflow)
+
+
+async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retention() -> None:
+    from llama_deploy_ray._control_plane import ControlPlane
+    from llama_deploy_ray._types import ServiceDefinition, TaskOutcome
+
+    control_plane = ControlPlane(task_retention_s=0.2, session_retention_s=0.4)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session = await control_plane.create_session()
+
+    async def run_one() -> str:
+        task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+        await control_plane.begin_task(task)
+        await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
+        return task.task_id
+
+    old = [await run_one() for _ in range(5)]
+    assert (await control_plane.sizes())["tasks"] == 5
+    await asyncio.sleep(0.3)
+    recent = await run_one()  # finishing a task drops what is past its retention
+    assert [t.task_id for t in await control_plane.list_tasks(session.session_id)] == [recent]
+    with pytest.raises(TaskNotFoundError):
+        await control_plane.get_task_result(session.session_id, old[0])
+    await asyncio.sleep(0.5)
+    other = await control_plane.create_session()
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=other.session_id)
+    await control_plane.begin_task(task)
+    await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
+    assert session.session_id not in {s.session_id for s in await control_plane.list_sessions()}
+    assert (await control_plane.sizes())["sessions"] == 1
