@@ -1,0 +1,492 @@
+"""The benchmark harness: the same workloads, in one run on one machine, on
+
+- the floor: each workflow in-process (`await wf.run()`), and behind a bare Ray Serve
+  deployment called over HTTP and through a `DeploymentHandle`;
+- llama-deploy-ray through its HTTP clients (sync for latency, async for throughput) and
+  through its Python API inside the cluster (the orchestrator actor);
+- llama_deploy 0.2.4, the seed's own system, installed here into its own virtual environment
+  from PyPI and driven with the same client calls (hello-world only: it is that slow);
+
+with Ray Serve's default settings and with its HAProxy ingress + throughput-optimized mode,
+each in a fresh local Ray. Usage (stop any other local Ray first, `ray stop`):
+
+    python bench/run.py            # everything, ~15 minutes on 2 cores
+    python bench/run.py --quick    # a smoke run: small sizes, no seed system
+
+Writes bench/results/latest.json and latest.png and prints the table. It reports figures; it
+never fails on one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+SEED_VENV = BENCH / ".venv-llama-deploy-0.2.4"
+FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+MODES = {"default": {}, "fast": FAST_ENV}
+
+
+class Sizes:
+    def __init__(self, quick: bool) -> None:
+        self.sequential = 10 if quick else 150
+        self.levels = [1, 8] if quick else [1, 8, 64, 256]
+        self.rounds = 2 if quick else 4  # runs per session at each concurrency level
+        self.memory_tasks = 200 if quick else 10_000
+        self.seed_levels = [1, 8, 50]
+
+
+# measuring
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    samples_ms = sorted(samples_ms)
+    return {
+        "p50_ms": statistics.median(samples_ms),
+        "p99_ms": samples_ms[min(len(samples_ms) - 1, int(len(samples_ms) * 0.99))],
+    }
+
+
+async def latency(run: Callable[[], Awaitable[Any]], n: int) -> dict[str, float]:
+    for _ in range(max(3, n // 10)):
+        await run()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await run()
+        samples.append((time.perf_counter() - start) * 1000)
+    return percentiles(samples)
+
+
+async def throughput(
+    make_session: Callable[[], Awaitable[Callable[[], Awaitable[Any]]]],
+    levels: list[int],
+    rounds: int,
+) -> dict[str, float]:
+    figures = {}
+    for level in levels:
+        sessions = [await make_session() for _ in range(level)]
+        await asyncio.gather(*(s() for s in sessions[:8]))  # warm up
+
+        async def loop(run: Callable[[], Awaitable[Any]]) -> None:
+            for _ in range(rounds):
+                await run()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop(s) for s in sessions))
+        figures[f"tasks_per_s@{level}"] = level * rounds / (time.perf_counter() - start)
+    return figures
+
+
+def rss_mb(title: str) -> float:
+    """Resident memory of the local process whose title starts with `title` (Ray names its
+    workers `ray::<actor class>`)."""
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            if cmdline.startswith(title):
+                status = Path(f"/proc/{pid}/status").read_text()
+                return int(status.split("VmRSS:")[1].split()[0]) / 1024
+        except (OSError, IndexError, ValueError):
+            continue
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# one mode, in its own process and its own Ray
+
+
+def measure_mode(sizes: Sizes, port: int) -> dict[str, Any]:
+    sys.path.insert(0, str(BENCH))
+    import httpx
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+    from workloads import WORKLOADS
+
+    from llama_deploy_ray import (
+        AsyncLlamaDeployClient,
+        ControlPlaneConfig,
+        LlamaDeployClient,
+        TaskDefinition,
+        WorkflowServiceConfig,
+        deploy_core,
+        deploy_workflow,
+    )
+    from llama_deploy_ray._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    class BareWorkflow:
+        def __init__(self, name: str) -> None:
+            self._workflow = WORKLOADS[name]()
+
+        async def __call__(self, request: Request) -> Any:
+            return await self._workflow.run(**await request.json())
+
+        async def run(self, kwargs: dict[str, Any]) -> Any:
+            return await self._workflow.run(**kwargs)
+
+    # a short retention, so that the memory figure shows what it keeps bounded
+    config = ControlPlaneConfig(port=port, task_retention_s=10.0)
+    ray.init(
+        include_dashboard=False,
+        namespace=config.namespace,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"PYTHONPATH": str(BENCH)}},
+    )
+
+    async def deploy() -> None:
+        await deploy_core(config, blocking=False)
+        for name, cls in WORKLOADS.items():
+            service = WorkflowServiceConfig(
+                service_name=name, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000
+            )
+            await deploy_workflow(cls(), service, config)
+
+    asyncio.run(deploy())
+    for name in WORKLOADS:
+        serve.run(BareWorkflow.bind(name), name=f"bare_{name}", route_prefix=f"/bare/{name}")
+    kwargs = {"arg1": "hello_world"}
+    results: dict[str, Any] = {}
+
+    async def run_all() -> None:
+        control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME)
+        orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME)
+        limits = httpx.Limits(max_connections=None)
+        async with (
+            httpx.AsyncClient(limits=limits, timeout=300) as http,
+            AsyncLlamaDeployClient(config, timeout=300) as client,
+        ):
+            for name, cls in WORKLOADS.items():
+                row: dict[str, dict[str, float]] = {}
+                n = max(10, sizes.sequential // 3) if name == "wait100ms" else sizes.sequential
+                local = cls()
+
+                async def inproc_session(local=local) -> Callable[[], Awaitable[Any]]:
+                    return lambda: local.run(**kwargs)
+
+                row["in_process"] = await latency(lambda local=local: local.run(**kwargs), n)
+                row["in_process"] |= await throughput(inproc_session, sizes.levels, sizes.rounds)
+
+                url, handle = f"{config.url}/bare/{name}", serve.get_app_handle(f"bare_{name}")
+
+                async def http_session(url=url) -> Callable[[], Awaitable[Any]]:
+                    return lambda: http.post(url, json=kwargs)
+
+                async def handle_session(handle=handle) -> Callable[[], Awaitable[Any]]:
+                    return lambda: handle.run.remote(kwargs)
+
+                row["serve_http"] = await latency(lambda url=url: http.post(url, json=kwargs), n)
+                row["serve_http"] |= await throughput(http_session, sizes.levels, sizes.rounds)
+                row["serve_handle"] = await latency(lambda h=handle: h.run.remote(kwargs), n)
+                row["serve_handle"] |= await throughput(handle_session, sizes.levels, sizes.rounds)
+
+                def sync_run(name=name) -> Callable[[], Any]:
+                    session = LlamaDeployClient(config, timeout=300).create_session()
+                    return lambda: session.run(name, **kwargs)
+
+                run_sync = await asyncio.to_thread(sync_run)
+                row["ours_sync_client"] = await latency(
+                    lambda run_sync=run_sync: asyncio.to_thread(run_sync), n
+                )
+
+                async def client_session(name=name) -> Callable[[], Awaitable[Any]]:
+                    session = await client.create_session()
+                    return lambda: session.run(name, **kwargs)
+
+                row["ours_async_client"] = await latency(await client_session(), n)
+                row["ours_async_client"] |= await throughput(
+                    client_session, sizes.levels, sizes.rounds
+                )
+
+                async def api_session(name=name) -> Callable[[], Awaitable[Any]]:
+                    session = await control_plane.create_session.remote()
+
+                    def run() -> Any:
+                        task = TaskDefinition(
+                            input=json.dumps(kwargs), agent_id=name, session_id=session.session_id
+                        )
+                        return orchestrator.run.remote(task)
+
+                    return run
+
+                row["ours_python_api"] = await latency(await api_session(), n)
+                row["ours_python_api"] |= await throughput(api_session, sizes.levels, sizes.rounds)
+                results[name] = row
+
+            results["first_event_ms"] = await first_event(client, n)
+            results["memory"] = await memory(client, control_plane)
+
+    async def first_event(client: AsyncLlamaDeployClient, n: int) -> dict[str, float]:
+        local = WORKLOADS["stream3"]()
+
+        async def inproc() -> None:
+            handler = local.run()
+            async for _ in handler.stream_events():
+                break
+            await handler
+
+        session = await client.create_session()
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            task_id = await session.run_nowait("stream3")
+            async for _ in session.get_task_result_stream(task_id):
+                samples.append((time.perf_counter() - start) * 1000)
+                break
+        return {
+            "in_process": (await latency(inproc, n))["p50_ms"],
+            "ours": percentiles(samples)["p50_ms"],
+        }
+
+    async def memory(client: AsyncLlamaDeployClient, control_plane: Any) -> dict[str, Any]:
+        sessions = [await client.create_session() for _ in range(64)]
+        points = []
+        done = 0
+        chunk = max(64, sizes.memory_tasks // 5)
+        while done < sizes.memory_tasks:
+            per = max(1, chunk // len(sessions))
+            await asyncio.gather(*(_runs(s, per) for s in sessions))
+            done += per * len(sessions)
+            sizes_now = await control_plane.sizes.remote()
+            points.append(
+                {
+                    "tasks_run": done,
+                    "control_plane_mb": rss_mb("ray::ControlPlane"),
+                    "replica_mb": rss_mb("ray::ServeReplica:hello"),
+                    "tasks_held": sizes_now["tasks"],
+                }
+            )
+        return {"task_retention_s": config.task_retention_s, "points": points}
+
+    async def _runs(session: Any, n: int) -> None:
+        for _ in range(n):
+            await session.run("hello", **kwargs)
+
+    asyncio.run(run_all())
+    ray.shutdown()
+    return results
+
+
+# the seed's system
+
+
+def ensure_seed_venv() -> Path:
+    python = SEED_VENV / "bin" / "python"
+    if not python.exists():
+        print("installing llama_deploy 0.2.4 into", SEED_VENV, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(SEED_VENV)], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "llama-deploy==0.2.4",
+                "llama-index-core>=0.11,<0.12",
+            ],
+            check=True,
+        )
+    return python
+
+
+def measure_seed(sizes: Sizes) -> dict[str, Any]:
+    python, port = ensure_seed_venv(), free_port()
+    script = str(BENCH / "seed_system.py")
+    server = subprocess.Popen(
+        [str(python), script, "serve", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(8)
+        figures: dict[str, float] = {}
+        for level in sizes.seed_levels:
+            out = subprocess.run(
+                [
+                    str(python),
+                    script,
+                    "measure",
+                    str(port),
+                    str(min(sizes.sequential, 30)),
+                    str(level),
+                    "2",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,
+            )
+            level_figures = json.loads(out.stdout.strip().splitlines()[-1])
+            figures.setdefault("p50_ms", level_figures["p50_ms"])
+            figures.setdefault("p99_ms", level_figures["p99_ms"])
+            figures[f"tasks_per_s@{level}"] = level_figures["tasks_per_s"]
+        return figures
+    finally:
+        server.kill()
+        server.wait()
+
+
+# report
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for mode in [m for m in MODES if m in results]:
+        for workload, row in results[mode].items():
+            if workload in ("first_event_ms", "memory"):
+                continue
+            columns = sorted(
+                {k for fig in row.values() for k in fig if k.startswith("tasks")},
+                key=lambda k: int(k.split("@")[1]),
+            )
+            lines.append(f"\n## {workload}, Serve {mode} settings")
+            lines.append("| system | p50 ms | p99 ms | " + " | ".join(columns) + " |")
+            lines.append("|---" * (3 + len(columns)) + "|")
+            rows = dict(row)
+            if workload == "hello" and "seed" in results:
+                rows["llama_deploy_0.2.4"] = results["seed"]
+            for system, fig in rows.items():
+                cells = [f"{fig.get(c, float('nan')):.1f}" for c in columns]
+                lines.append(
+                    f"| {system} | {fig['p50_ms']:.1f} | {fig['p99_ms']:.1f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+            ours, floor = row["ours_async_client"], row["serve_http"]
+            ratios = [f"p50 x{ours['p50_ms'] / floor['p50_ms']:.2f}"]
+            ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in columns]
+            lines.append("\nours (async client) / bare Serve over HTTP: " + ", ".join(ratios))
+            if workload == "hello" and "seed" in results:
+                seed = results["seed"]
+                faster = seed["p50_ms"] / ours["p50_ms"]
+                more = ours.get("tasks_per_s@64", float("nan")) / seed["tasks_per_s@50"]
+                lines.append(
+                    f"ours vs llama_deploy 0.2.4: p50 {faster:.0f}x lower; "
+                    f"tasks/s (ours at 64 sessions, theirs at 50) {more:.0f}x"
+                )
+        first = results[mode]["first_event_ms"]
+        lines.append(
+            f"\nfirst streamed event, p50 ms: in-process {first['in_process']:.1f}, "
+            f"ours {first['ours']:.1f}"
+        )
+        memory = results[mode]["memory"]
+        lines.append(
+            f"memory (task_retention_s={memory['task_retention_s']}): "
+            + "; ".join(
+                f"{p['tasks_run']} tasks: control plane {p['control_plane_mb']:.0f} MB, "
+                f"replica {p['replica_mb']:.0f} MB, {p['tasks_held']} held"
+                for p in memory["points"]
+            )
+        )
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if m in results]
+    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(6 * (len(modes) + 1), 4.5))
+    for ax, mode in zip(axes, modes, strict=False):
+        for system, fig_row in results[mode]["hello"].items():
+            levels = sorted(int(k.split("@")[1]) for k in fig_row if k.startswith("tasks"))
+            ax.plot(
+                levels, [fig_row[f"tasks_per_s@{lvl}"] for lvl in levels], marker="o", label=system
+            )
+        if "seed" in results:
+            seed = results["seed"]
+            levels = sorted(int(k.split("@")[1]) for k in seed if k.startswith("tasks"))
+            ax.plot(
+                levels,
+                [seed[f"tasks_per_s@{lvl}"] for lvl in levels],
+                marker="x",
+                label="llama_deploy 0.2.4",
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="concurrent sessions",
+            ylabel="tasks/s",
+            title=f"hello-world, Serve {mode} settings",
+        )
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    for mode in modes:
+        points = results[mode]["memory"]["points"]
+        ax.plot(
+            [p["tasks_run"] for p in points],
+            [p["control_plane_mb"] for p in points],
+            marker="o",
+            label=f"control plane ({mode})",
+        )
+        ax.plot(
+            [p["tasks_run"] for p in points],
+            [p["replica_mb"] for p in points],
+            marker="s",
+            label=f"replica ({mode})",
+        )
+    ax.set(xlabel="tasks run", ylabel="RSS MB", title="memory over tasks")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, no seed system")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--no-seed", action="store_true", help="skip llama_deploy 0.2.4")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = Sizes(args.quick)
+    if args.child:
+        print(json.dumps(measure_mode(sizes, free_port())))
+        return
+    results: dict[str, Any] = {}
+    for mode in args.modes:
+        print(f"measuring with Serve's {mode} settings ...", flush=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", mode, *(["--quick"] if args.quick else [])],
+            env={**os.environ, **MODES[mode]},
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode != 0:
+            sys.exit(f"the {mode} run failed:\n{child.stderr[-5000:]}")
+        results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+    if not (args.quick or args.no_seed):
+        print("measuring llama_deploy 0.2.4 ...", flush=True)
+        results["seed"] = measure_seed(sizes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2))
+    report = table(results)
+    (args.out / "latest.md").write_text(report + "\n")
+    chart(results, args.out / "latest.png")
+    print(report)
+    print(f"\nwrote {args.out / 'latest.json'}, latest.md and latest.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The benchmark harness runs end to end on a tiny size (it reports; it asserts nothing about
+the figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_bench_harness_smoke(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/run.py"),
+            "--quick",
+            "--modes",
+            "default",
+            "--out",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    hello = results["default"]["hello"]
+    for system in (
+        "in_process",
+        "serve_http",
+        "serve_handle",
+        "ours_sync_client",
+        "ours_async_client",
+        "ours_python_api",
+    ):
+        assert hello[system]["p50_ms"] > 0, system
+    assert results["default"]["memory"]["points"]
+    assert (tmp_path / "latest.png").stat().st_size > 0
+    assert "bare Serve over HTTP" in done.stdout
