@@ -146,6 +146,7 @@ def measure_mode(sizes: Sizes, port: int) -> dict[str, Any]:
     # a short retention, so that the memory figure shows what it keeps bounded
     config = ControlPlaneConfig(port=port, task_retention_s=10.0)
     ray.init(
+        address="local",  # a Ray of its own, even if another runs on this machine
         include_dashboard=False,
         namespace=config.namespace,
         logging_level="ERROR",
