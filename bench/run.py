@@ -41,9 +41,9 @@ MODES = {"default": {}, "fast": FAST_ENV}
 
 class Sizes:
     def __init__(self, quick: bool) -> None:
-        self.sequential = 10 if quick else 150
+        self.sequential = 10 if quick else 100
         self.levels = [1, 8] if quick else [1, 8, 64, 256]
-        self.rounds = 2 if quick else 4  # runs per session at each concurrency level
+        self.rounds = 2  # runs per session at each concurrency level
         self.memory_tasks = 200 if quick else 10_000
         self.seed_levels = [1, 8, 50]
 
@@ -355,16 +355,16 @@ def table(results: dict[str, Any]) -> str:
         for workload, row in results[mode].items():
             if workload in ("first_event_ms", "memory"):
                 continue
+            rows = dict(row)
+            if workload == "hello" and "seed" in results:
+                rows["llama_deploy_0.2.4"] = results["seed"]
             columns = sorted(
-                {k for fig in row.values() for k in fig if k.startswith("tasks")},
+                {k for fig in rows.values() for k in fig if k.startswith("tasks")},
                 key=lambda k: int(k.split("@")[1]),
             )
             lines.append(f"\n## {workload}, Serve {mode} settings")
             lines.append("| system | p50 ms | p99 ms | " + " | ".join(columns) + " |")
             lines.append("|---" * (3 + len(columns)) + "|")
-            rows = dict(row)
-            if workload == "hello" and "seed" in results:
-                rows["llama_deploy_0.2.4"] = results["seed"]
             for system, fig in rows.items():
                 cells = [f"{fig.get(c, float('nan')):.1f}" for c in columns]
                 lines.append(
@@ -374,7 +374,7 @@ def table(results: dict[str, Any]) -> str:
                 )
             ours, floor = row["ours_async_client"], row["serve_http"]
             ratios = [f"p50 x{ours['p50_ms'] / floor['p50_ms']:.2f}"]
-            ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in columns]
+            ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in columns if c in ours]
             lines.append("\nours (async client) / bare Serve over HTTP: " + ", ".join(ratios))
             if workload == "hello" and "seed" in results:
                 seed = results["seed"]
@@ -459,11 +459,15 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--no-seed", action="store_true", help="skip llama_deploy 0.2.4")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--from-json", type=Path, help="only redraw the table and chart")
     parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = Sizes(args.quick)
     if args.child:
         print(json.dumps(measure_mode(sizes, free_port())))
+        return
+    if args.from_json:
+        report(json.loads(args.from_json.read_text()), args.out)
         return
     results: dict[str, Any] = {}
     for mode in args.modes:
@@ -482,11 +486,15 @@ def main() -> None:
         results["seed"] = measure_seed(sizes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
-    report = table(results)
-    (args.out / "latest.md").write_text(report + "\n")
-    chart(results, args.out / "latest.png")
-    print(report)
-    print(f"\nwrote {args.out / 'latest.json'}, latest.md and latest.png")
+    report(results, args.out)
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    text = table(results)
+    (out / "latest.md").write_text(text + "\n")
+    chart(results, out / "latest.png")
+    print(text)
+    print(f"\nwrote {out / 'latest.json'}, latest.md and latest.png")
 
 
 if __name__ == "__main__":

@@ -321,8 +321,9 @@ class ControlPlane:
     async def claim_orphaned_tasks(self, owner: str) -> list[str]:
         """Hand the unfinished tasks of earlier orchestrator incarnations to `owner`, oldest
         first: what a restarted orchestrator must drive again."""
+        driven = (TaskStatus.PENDING, TaskStatus.RUNNING)  # waiting tasks resume on an event
         orphans = [
-            r for r in self._tasks.values() if not r.result.status.is_final and r.owner != owner
+            r for r in self._tasks.values() if r.result.status in driven and r.owner != owner
         ]
         for record in orphans:
             record.owner = owner

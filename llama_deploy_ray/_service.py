@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import ray
@@ -25,15 +26,17 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 from ray import serve
 from workflows import Context, Workflow
 from workflows.context import PickleSerializer
-from workflows.errors import WorkflowCancelledByUser
 from workflows.events import Event, HumanResponseEvent, InputRequiredEvent, StopEvent
 from workflows.handler import WorkflowHandler
 
 from . import _nested
 from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from ._errors import InvalidRequestError
 from ._events import SEQ_KEY, event_from_dict, event_to_dict
 from ._packaging import PackedWorkflow, unpack_workflow
 from ._types import QueueMessage, TaskDefinition, TaskOutcome
+
+logger = logging.getLogger(__name__)
 
 # JSON where it can, pickle where it must: state may hold any object a step put there.
 _STATE_SERIALIZER = PickleSerializer()
@@ -101,21 +104,28 @@ class _TaskRun:
         pump = asyncio.create_task(self._pump())
         try:
             result = await self._handler
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the orchestrator cancelled the task
             await self._handler.cancel_run()
             raise
-        except WorkflowCancelledByUser as exc:
-            if self._snapshot is None:
-                return TaskOutcome(error=str(exc) or "cancelled", error_type=type(exc).__name__)
-            await self._flush(pump)
-            return TaskOutcome(snapshot=self._snapshot, inbox_seq=self._inbox_seq)
         except Exception as exc:
-            await self._flush(pump)
-            return TaskOutcome(error=str(exc) or repr(exc), error_type=type(exc).__name__)
+            if self._snapshot is not None:  # parked: ended on purpose, to wait for input
+                outcome = TaskOutcome(snapshot=self._snapshot, inbox_seq=self._inbox_seq)
+            else:
+                outcome = TaskOutcome(error=str(exc) or repr(exc), error_type=type(exc).__name__)
+        else:
+            outcome = await self._completed(result, had_state)
         finally:
             if self._listener is not None:
                 self._listener.cancel()
-        await self._flush(pump)
+        # the stream is complete before the task is reported, so readers see it all
+        with contextlib.suppress(Exception):
+            await pump
+        if self._sender is not None:
+            await self._sender
+        await self._send()
+        return outcome
+
+    async def _completed(self, result: Any, had_state: bool) -> TaskOutcome:
         try:
             result = to_jsonable_python(result)
         except PydanticSerializationError as exc:
@@ -152,14 +162,6 @@ class _TaskRun:
             batch, self._buffer = self._buffer, []
             await self._service._control_plane.append_events.remote(self._task_id, batch)
 
-    async def _flush(self, pump: asyncio.Task[None]) -> None:
-        with contextlib.suppress(Exception):
-            await pump
-        while self._sender is not None and not self._sender.done():
-            await self._sender
-        if self._buffer:
-            await self._send()
-
     # the inbox
 
     def _start_listener(self) -> None:
@@ -173,8 +175,13 @@ class _TaskRun:
                 self._task_id, self._inbox_seq, service._input_hold_s
             )
             for data in batch.events:
-                self._handler.ctx.send_event(event_from_dict(data, service._accepted))
                 self._inbox_seq = data[SEQ_KEY]
+                try:
+                    event = event_from_dict(data, service._accepted)
+                except InvalidRequestError as exc:  # unchecked when deployed by import path
+                    logger.warning("task %s: dropped an event: %s", self._task_id, exc)
+                    continue
+                self._handler.ctx.send_event(event)
                 self._awaiting_input = max(0, self._awaiting_input - 1)
             if not batch.events and self._awaiting_input > 0:
                 await self._park()
