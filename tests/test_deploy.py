@@ -319,3 +319,31 @@ async def test_async_client_methods(aclient: AsyncLlamaDeployClient) -> None:
     await aclient.delete_session("async-session")
     with pytest.raises(SessionNotFoundError):
         await aclient.get_session("async-session")
+
+
+def test_a_restarted_orchestrator_drives_unfinished_tasks_again(client) -> None:
+    import ray
+
+    from llama_deploy_ray._config import ORCHESTRATOR_ACTOR_NAME
+
+    session = client.create_session()
+    task_id = session.run_nowait("sleep", seconds=2, tag="survivor")
+    deadline = time.monotonic() + 20
+    while session.get_task_result(task_id).status is not TaskStatus.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ray.kill(ray.get_actor(ORCHESTRATOR_ACTOR_NAME), no_restart=False)
+    # while it restarts the API answers 503; once back, its first request makes it claim
+    # what is unfinished
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert client.create_session().run("echo", arg1="after") == "after_result"
+            break
+        except ControlPlaneUnavailableError:
+            assert time.monotonic() < deadline, "the orchestrator did not come back"
+            time.sleep(0.5)
+    result = session.get_task_result(task_id, wait_s=60)
+    assert result.status is TaskStatus.COMPLETED
+    assert result.result["log"] == ["survivor"]
+    assert result.attempts == 2
