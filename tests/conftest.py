@@ -14,9 +14,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import pytest_asyncio
 import ray
 
-from llama_deploy_ray import ControlPlaneConfig
+from llama_deploy_ray import (
+    AsyncLlamaDeployClient,
+    ControlPlaneConfig,
+    LlamaDeployClient,
+    RayActorOptions,
+    WorkflowServiceConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -71,3 +78,25 @@ def control_plane_config(
     except subprocess.TimeoutExpired:
         core.kill()
         core.wait()
+
+
+def service(name: str, **options) -> WorkflowServiceConfig:
+    """A service config for tests: replicas ask for no CPU (the machine has 2 cores)."""
+    return WorkflowServiceConfig(
+        service_name=name, ray_actor_options=RayActorOptions(num_cpus=0), **options
+    )
+
+
+# Each test module defines a `deployed` fixture (its services); these clients point at it.
+
+
+@pytest.fixture
+def client(deployed: ControlPlaneConfig):
+    with LlamaDeployClient(deployed) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def aclient(deployed: ControlPlaneConfig):
+    async with AsyncLlamaDeployClient(deployed) as client:
+        yield client

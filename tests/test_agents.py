@@ -16,17 +16,16 @@ from llama_deploy_ray import (
     ControlPlaneConfig,
     InvalidRequestError,
     LlamaDeployClient,
-    RayActorOptions,
     TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
     TaskStateError,
     TaskStatus,
-    WorkflowServiceConfig,
     add_workflows,
     deploy_workflow,
 )
 
+from .conftest import service
 from .workflows import (
     HelperOuterWorkflow,
     HumanWorkflow,
@@ -36,12 +35,6 @@ from .workflows import (
     SleepWorkflow,
     StreamingWorkflow,
 )
-
-NO_CPU = RayActorOptions(num_cpus=0)
-
-
-def service(name: str, **options) -> WorkflowServiceConfig:
-    return WorkflowServiceConfig(service_name=name, ray_actor_options=NO_CPU, **options)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -66,18 +59,6 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
         ),
     )
     return control_plane_config
-
-
-@pytest.fixture
-def client(deployed: ControlPlaneConfig):
-    with LlamaDeployClient(deployed) as client:
-        yield client
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def aclient(deployed: ControlPlaneConfig):
-    async with AsyncLlamaDeployClient(deployed) as client:
-        yield client
 
 
 # streaming

@@ -16,7 +16,6 @@ from llama_deploy_ray import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployClient,
-    RayActorOptions,
     ServiceConflictError,
     ServiceDefinition,
     ServiceNotFoundError,
@@ -26,10 +25,10 @@ from llama_deploy_ray import (
     TaskNotFoundError,
     TaskStatus,
     TaskTimeoutError,
-    WorkflowServiceConfig,
     deploy_workflow,
 )
 
+from .conftest import service
 from .workflows import (
     CounterWorkflow,
     DiesOnceWorkflow,
@@ -39,12 +38,6 @@ from .workflows import (
     SleepWorkflow,
     StructuredWorkflow,
 )
-
-NO_CPU = RayActorOptions(num_cpus=0)
-
-
-def service(name: str, **options) -> WorkflowServiceConfig:
-    return WorkflowServiceConfig(service_name=name, ray_actor_options=NO_CPU, **options)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -64,18 +57,6 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
         ),
     )
     return control_plane_config
-
-
-@pytest.fixture
-def client(deployed: ControlPlaneConfig):
-    with LlamaDeployClient(deployed) as client:
-        yield client
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def aclient(deployed: ControlPlaneConfig):
-    async with AsyncLlamaDeployClient(deployed) as client:
-        yield client
 
 
 # services
