@@ -169,6 +169,9 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             max_restarts=-1,
             max_task_retries=0,
             num_cpus=0,
+            # route Serve handle calls on the orchestrator's own event loop rather than a
+            # router thread: one cross-thread hop less per task
+            runtime_env={"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}},
         )
         .remote(orchestrator_config, config.namespace)
     )
