@@ -93,19 +93,15 @@ class NestedWorkflow:
 
     async def run(self, **kwargs: Any) -> Any:
         parent = CURRENT_TASK.get()
-        if parent is not None and await self._deployed():
-            return await self._run_child(parent, kwargs)
-        return await self.local.run(**kwargs)
-
-    async def _deployed(self) -> bool:
-        try:
-            await _actors["control_plane"].get_service.remote(self.service_name)
-        except ServiceNotFoundError:
-            return False
-        return True
-
-    async def _run_child(self, parent: TaskDefinition, kwargs: dict[str, Any]) -> Any:
+        if parent is None:  # not in a replica: nothing to delegate to
+            return await self.local.run(**kwargs)
         child = task_definition(self.service_name, kwargs).model_copy(
             update={"session_id": parent.session_id, "parent_task_id": parent.task_id}
         )
-        return result_value(await _actors["orchestrator"].run.remote(child))
+        try:
+            # the control plane refuses an unknown service before recording anything, so
+            # asking for the child task is also how we learn whether the service exists
+            result = await _actors["orchestrator"].run.remote(child)
+        except ServiceNotFoundError:
+            return await self.local.run(**kwargs)
+        return result_value(result)

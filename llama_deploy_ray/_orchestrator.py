@@ -46,7 +46,7 @@ class SimpleOrchestrator:
         self._resume_once()
         started = await self._control_plane.begin_task.remote(task, self._incarnation)
         result = await self._drive(started, task.task_id)
-        if result is None or not result.status.is_final:  # waiting for input, or cancelled
+        if result is None:  # parked waiting for input, or cancelled before it started
             result = await self._control_plane.get_task_result.remote(
                 task.session_id, task.task_id, float("inf")
             )
