@@ -264,19 +264,21 @@ class ControlPlane:
         return await self._task_in_session(session_id, task_id).stream.read(after, wait_s)
 
     async def cancel_task(self, session_id: str, task_id: str) -> list[str]:
-        """Cancel the task and its unfinished children; return the ids cancelled."""
+        """Cancel the task and its unfinished children; return the ids of those that were
+        running (an orchestrator drives them: their replica calls must be stopped)."""
         record = self._task_in_session(session_id, task_id)
         if record.result.status.is_final:
             raise TaskStateError(f"task {task_id} is already {record.result.status.value}")
-        cancelled: list[str] = []
+        running: list[str] = []
         todo = [record]
         while todo:
             task = todo.pop()
             todo.extend(self._tasks[c] for c in task.children if c in self._tasks)
+            if task.result.status is TaskStatus.RUNNING:
+                running.append(task.definition.task_id)
             if not task.result.status.is_final:
                 self._close(task, status=TaskStatus.CANCELLED, error="cancelled by a client")
-                cancelled.append(task.definition.task_id)
-        return cancelled
+        return running
 
     async def finish_task(self, task_id: str, outcome: TaskOutcome) -> TaskResult:
         """Record the task's outcome and state, then let the next task in its line start."""

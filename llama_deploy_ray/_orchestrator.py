@@ -34,6 +34,8 @@ class SimpleOrchestrator:
         self._queue = RayMessageQueue()
         self._background: set[asyncio.Task[Any]] = set()
         self._in_flight: dict[str, DeploymentResponse] = {}
+        # running tasks cancelled before their replica call existed
+        self._cancelled: set[str] = set()
         self._resumed = False
         self._incarnation = uuid.uuid4().hex
 
@@ -71,10 +73,12 @@ class SimpleOrchestrator:
 
     async def cancel(self, session_id: str, task_id: str) -> TaskResult:
         """Cancel the task and its children, freeing the replicas running them."""
-        for cancelled in await self._control_plane.cancel_task.remote(session_id, task_id):
-            response = self._in_flight.get(cancelled)
+        for running in await self._control_plane.cancel_task.remote(session_id, task_id):
+            response = self._in_flight.get(running)
             if response is not None:
                 response.cancel()
+            else:  # between its start and its publish: _deliver must not publish it
+                self._cancelled.add(running)
         return await self._control_plane.get_task_result.remote(session_id, task_id)
 
     def _resume_once(self) -> None:
@@ -93,12 +97,15 @@ class SimpleOrchestrator:
 
     async def _drive(self, started: StartedTask | None, task_id: str) -> TaskResult | None:
         """Run the task until it is final (its result) or waits for input (None)."""
-        while started is not None:
-            outcome = await self._deliver(started)
-            if outcome.snapshot is None:
-                return await self._control_plane.finish_task.remote(task_id, outcome)
-            started = await self._control_plane.park_task.remote(task_id, outcome)
-        return None
+        try:
+            while started is not None:
+                outcome = await self._deliver(started)
+                if outcome.snapshot is None:
+                    return await self._control_plane.finish_task.remote(task_id, outcome)
+                started = await self._control_plane.park_task.remote(task_id, outcome)
+            return None
+        finally:
+            self._cancelled.discard(task_id)
 
     async def _deliver(self, started: StartedTask) -> TaskOutcome:
         task = started.task
@@ -113,6 +120,8 @@ class SimpleOrchestrator:
         )
         attempt = 0
         while True:
+            if task.task_id in self._cancelled:
+                return TaskOutcome(error="cancelled by a client", error_type="TaskCancelledError")
             response = self._queue.publish(message)
             self._in_flight[task.task_id] = response
             try:
