@@ -1,5 +1,6 @@
 """The control plane's HTTP API: a stateless Ray Serve FastAPI ingress in front of the control
-plane and orchestrator actors, with the routes of llama_deploy's control plane server.
+plane and orchestrator actors, with the routes of llama_deploy's control plane server. A run
+answered over its own request is driven by the replica that holds the request (see `_driver`).
 
 Errors are JSON, `{"error": class name, "message": ..., "detail": {...}}`, with the status of
 their class (see `_errors`). Workflow state is readable here but not writable: it may hold
@@ -17,7 +18,8 @@ from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
-from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME, SimpleOrchestratorConfig
+from ._driver import DRIVER_RUNTIME_ENV, TaskDriver
 from ._errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
@@ -67,12 +69,16 @@ def _task_in_session(session_id: str, task: TaskDefinition) -> TaskDefinition:
     return task.model_copy(update={"session_id": session_id})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0, "runtime_env": DRIVER_RUNTIME_ENV},
+    max_ongoing_requests=1000,
+)
 @serve.ingress(app)
 class ControlPlaneAPI:
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, orchestrator_config: SimpleOrchestratorConfig) -> None:
         self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
         self._orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME, namespace=namespace)
+        self._driver = TaskDriver(self._control_plane, orchestrator_config)
 
     @app.get("/")
     async def home(self) -> dict[str, str]:
@@ -130,7 +136,7 @@ class ControlPlaneAPI:
     @app.post("/sessions/{session_id}/run")
     async def run_task(self, session_id: str, task: TaskDefinition) -> TaskResult:
         """Run a task and answer when it is final (the response is the long poll)."""
-        return await self._orchestrator.run.remote(_task_in_session(session_id, task))
+        return await self._driver.run(_task_in_session(session_id, task))
 
     @app.get("/sessions/{session_id}/tasks")
     async def list_tasks(self, session_id: str) -> list[TaskResult]:
@@ -193,7 +199,7 @@ class ControlPlaneAPI:
     @app.post("/sessions/{session_id}/tasks/{task_id}/cancel")
     async def cancel_task(self, session_id: str, task_id: str) -> TaskResult:
         """Cancel a pending, running or waiting task and its children."""
-        return await self._orchestrator.cancel.remote(session_id, task_id)
+        return await self._control_plane.cancel_task.remote(session_id, task_id)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/result")
     async def get_task_result(

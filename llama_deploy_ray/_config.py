@@ -17,6 +17,12 @@ DEFAULT_NAMESPACE = "llama_deploy_ray"
 # the named actors of the core, in the namespace above
 CONTROL_PLANE_ACTOR_NAME = "llama_deploy_control_plane"
 ORCHESTRATOR_ACTOR_NAME = "llama_deploy_orchestrator"
+# A driver's watch on the control plane returns at least every DRIVER_WATCH_S; a driver not
+# heard from for DRIVER_SILENCE_S is presumed dead and its unfinished tasks are driven again.
+DRIVER_WATCH_S = 5.0
+DRIVER_SILENCE_S = 15.0
+# Ray Serve's HAProxy ingress and throughput-optimized mode, read when Ray and Serve start
+SERVE_FAST_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 class ControlPlaneConfig(BaseSettings):
@@ -45,6 +51,17 @@ class ControlPlaneConfig(BaseSettings):
         default=86400.0,
         gt=0,
         description="How long a session with no tasks left and no new task is kept.",
+    )
+    serve_fast_mode: bool = Field(
+        default=True,
+        description=(
+            "When deploy_core starts a local Ray: run Serve with its HAProxy ingress and "
+            "throughput-optimized mode (about half the latency, twice the throughput). "
+            "Costs: replicas' HTTP ports and HAProxy's stats and metrics ports listen on all "
+            "interfaces, and workflow steps run on the replica's event loop, so a step that "
+            "blocks stalls its replica. No effect on a Ray started elsewhere (cluster.yaml "
+            "sets the same variables)."
+        ),
     )
 
     @property

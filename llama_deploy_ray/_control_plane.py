@@ -4,7 +4,9 @@ sessions, every task's record and result, and each session's workflow state per 
 It is also the sequencer that keeps a session's tasks on one service in submission order:
 `start_task` returns when the task reaches the head of its (session, service) line, and
 `finish_task` (or `cancel_task`) moves the line on. A task waiting for input keeps its place.
-Each task has an event stream and an inbox (see `_events`). Everything here is in-memory
+Each task has an event stream and an inbox (see `_events`). Each task also has an owner, the
+driver (see `_driver`) that drives it: the driver's open `watch_driver` call is its heartbeat
+and how it learns which of its tasks were cancelled. Everything here is in-memory
 dict work with no awaits in the middle of an update, so each method is atomic on the actor's
 event loop.
 """
@@ -18,6 +20,7 @@ import time
 from collections import deque
 from typing import Any
 
+from ._config import DRIVER_SILENCE_S
 from ._errors import (
     InvalidRequestError,
     ServiceConflictError,
@@ -28,6 +31,7 @@ from ._errors import (
 )
 from ._events import TYPE_KEY, EventBatch, EventLog
 from ._types import (
+    DriverNotice,
     ServiceDefinition,
     SessionDefinition,
     StartedTask,
@@ -48,10 +52,21 @@ class _Session:
         self.last_active = time.monotonic()
 
 
+class _Driver:
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []  # its running tasks cancelled since its last watch
+        self.wake = asyncio.Event()
+        self.watching = 0
+        self.last_seen = time.monotonic()
+
+    def silent(self, now: float) -> bool:
+        return not self.watching and now - self.last_seen > DRIVER_SILENCE_S
+
+
 class _Task:
     def __init__(self, definition: TaskDefinition, service_name: str, owner: str) -> None:
         self.definition = definition
-        self.owner = owner  # the orchestrator incarnation driving it
+        self.owner = owner  # the id of the driver driving it
         self.result = TaskResult(
             task_id=definition.task_id,
             session_id=definition.session_id,
@@ -85,6 +100,7 @@ class ControlPlane:
         self._tasks: dict[str, _Task] = {}
         # task ids waiting or running, per (session, service), head first
         self._lines: dict[_PairKey, deque[str]] = {}
+        self._drivers: dict[str, _Driver] = {}
 
     async def ready(self) -> bool:
         return True
@@ -165,9 +181,9 @@ class ControlPlane:
 
     # tasks
 
-    async def create_task(self, task: TaskDefinition, owner: str = "") -> TaskResult:
-        """Record a task and put it in its session's line for its service; `owner` is the
-        orchestrator incarnation that will drive it."""
+    async def create_task(self, task: TaskDefinition, owner: str) -> TaskResult:
+        """Record a task and put it in its session's line for its service; `owner` is the id
+        of the driver that will drive it."""
         service_name = task.agent_id
         if not service_name:
             raise InvalidRequestError("the task names no service: set agent_id")
@@ -177,6 +193,7 @@ class ControlPlane:
         if task.task_id in self._tasks:
             raise InvalidRequestError(f"a task with id {task.task_id!r} already exists")
         record = _Task(task, service_name, owner)
+        self._heard_from(owner)
         record.update(parent_task_id=task.parent_task_id)
         parent = self._tasks.get(task.parent_task_id or "")
         if parent is not None:
@@ -190,22 +207,23 @@ class ControlPlane:
             record.turn.set()
         return record.result
 
-    async def start_task(self, task_id: str) -> StartedTask | None:
-        """Wait for the task's turn, mark it running and return the state it starts from;
-        None if it was cancelled meanwhile."""
+    async def start_task(self, task_id: str, owner: str) -> StartedTask | None:
+        """Wait for the task's turn, mark it running (driven by `owner`) and return the state
+        it starts from; None if it was cancelled meanwhile."""
         record = self._task(task_id)
         await record.turn.wait()
         if record.result.status.is_final:
             return None
+        record.owner = owner
         record.update(status=TaskStatus.RUNNING, attempts=record.result.attempts + 1)
         session = self._sessions.get(record.definition.session_id or "")
         state = session.state.get(record.result.service_name or "") if session else None
         return StartedTask(task=record.definition, state=state)
 
-    async def begin_task(self, task: TaskDefinition, owner: str = "") -> StartedTask | None:
+    async def begin_task(self, task: TaskDefinition, owner: str) -> StartedTask | None:
         """`create_task` then `start_task`, in one call."""
         await self.create_task(task, owner)
-        return await self.start_task(task.task_id)
+        return await self.start_task(task.task_id, owner)
 
     async def record_retry(self, task_id: str) -> None:
         record = self._task(task_id)
@@ -224,9 +242,10 @@ class ControlPlane:
         return None
 
     async def deliver_event(
-        self, session_id: str, task_id: str, service_name: str, event: dict[str, Any]
+        self, session_id: str, task_id: str, service_name: str, event: dict[str, Any], owner: str
     ) -> StartedTask | None:
-        """Put `event` in the task's inbox; if the task was waiting, return it to be resumed."""
+        """Put `event` in the task's inbox; if the task was waiting, return it to be resumed
+        by `owner`."""
         record = self._task_in_session(session_id, task_id)
         if record.result.service_name != service_name:
             raise InvalidRequestError(
@@ -245,6 +264,7 @@ class ControlPlane:
             )
         record.inbox.extend([event])
         if record.result.status is TaskStatus.WAITING:
+            record.owner = owner
             return self._resume(record)
         return None
 
@@ -263,22 +283,23 @@ class ControlPlane:
     ) -> EventBatch:
         return await self._task_in_session(session_id, task_id).stream.read(after, wait_s)
 
-    async def cancel_task(self, session_id: str, task_id: str) -> list[str]:
-        """Cancel the task and its unfinished children; return the ids of those that were
-        running (an orchestrator drives them: their replica calls must be stopped)."""
+    async def cancel_task(self, session_id: str, task_id: str) -> TaskResult:
+        """Cancel the task and its unfinished children; the drivers of those running are told,
+        to stop their replica calls."""
         record = self._task_in_session(session_id, task_id)
         if record.result.status.is_final:
             raise TaskStateError(f"task {task_id} is already {record.result.status.value}")
-        running: list[str] = []
         todo = [record]
         while todo:
             task = todo.pop()
             todo.extend(self._tasks[c] for c in task.children if c in self._tasks)
-            if task.result.status is TaskStatus.RUNNING:
-                running.append(task.definition.task_id)
+            driver = self._drivers.get(task.owner)
+            if task.result.status is TaskStatus.RUNNING and driver is not None:
+                driver.cancelled.append(task.definition.task_id)
+                driver.wake.set()
             if not task.result.status.is_final:
                 self._close(task, status=TaskStatus.CANCELLED, error="cancelled by a client")
-        return running
+        return record.result
 
     async def finish_task(self, task_id: str, outcome: TaskOutcome) -> TaskResult:
         """Record the task's outcome and state, then let the next task in its line start."""
@@ -320,18 +341,51 @@ class ControlPlane:
                 return self._tasks[task_id].result
         return None
 
-    async def claim_orphaned_tasks(self, owner: str) -> list[str]:
-        """Hand the unfinished tasks of earlier orchestrator incarnations to `owner`, oldest
-        first: what a restarted orchestrator must drive again."""
+    # drivers
+
+    async def watch_driver(
+        self, driver_id: str, wait_s: float, adopt_orphans: bool = False
+    ) -> DriverNotice:
+        """A driver's heartbeat: wait up to `wait_s` for one of its running tasks to be
+        cancelled, and return those. With `adopt_orphans`, also hand it the unfinished tasks
+        of drivers gone silent (presumed dead), oldest first, to drive again."""
+        driver = self._heard_from(driver_id)
+        driver.watching += 1
+        try:
+            if not driver.cancelled:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(driver.wake.wait(), timeout=wait_s)
+        finally:
+            driver.watching -= 1
+            driver.last_seen = time.monotonic()
+        cancelled, driver.cancelled = driver.cancelled, []
+        driver.wake.clear()
+        orphaned = self._adopt_orphans(driver_id) if adopt_orphans else []
+        return DriverNotice(cancelled=cancelled, orphaned=orphaned)
+
+    # helpers
+
+    def _heard_from(self, driver_id: str) -> _Driver:
+        driver = self._drivers.get(driver_id)
+        if driver is None:
+            driver = self._drivers[driver_id] = _Driver()
+        driver.last_seen = time.monotonic()
+        return driver
+
+    def _adopt_orphans(self, owner: str) -> list[str]:
+        now = time.monotonic()
+        silent = {d for d, driver in self._drivers.items() if driver.silent(now) and d != owner}
+        if not silent:
+            return []
+        for driver_id in silent:
+            del self._drivers[driver_id]
         driven = (TaskStatus.PENDING, TaskStatus.RUNNING)  # waiting tasks resume on an event
         orphans = [
-            r for r in self._tasks.values() if r.result.status in driven and r.owner != owner
+            r for r in self._tasks.values() if r.owner in silent and r.result.status in driven
         ]
         for record in orphans:
             record.owner = owner
         return [r.definition.task_id for r in orphans]
-
-    # helpers
 
     def _close(self, record: _Task, **fields: Any) -> None:
         """Make the task final: record it, end its logs, move its line on, wake waiters."""

@@ -14,12 +14,14 @@ from ._api import API_APP_NAME, ControlPlaneAPI
 from ._config import (
     CONTROL_PLANE_ACTOR_NAME,
     ORCHESTRATOR_ACTOR_NAME,
+    SERVE_FAST_MODE_ENV,
     ControlPlaneConfig,
     SimpleMessageQueueConfig,
     SimpleOrchestratorConfig,
     WorkflowServiceConfig,
 )
 from ._control_plane import ControlPlane
+from ._driver import DRIVER_RUNTIME_ENV
 from ._errors import ControlPlaneUnavailableError, InvalidRequestError
 from ._orchestrator import SimpleOrchestrator
 from ._packaging import pack_workflow
@@ -140,6 +142,10 @@ def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
                 f"no Ray cluster at {address!r} ({exc}); start the core first with "
                 "deploy_core(...), or set RAY_ADDRESS to the cluster's address"
             ) from exc
+    if config.serve_fast_mode:
+        # Ray's processes inherit this process's environment; a variable set by the user wins.
+        for name, value in SERVE_FAST_MODE_ENV.items():
+            os.environ.setdefault(name, value)
     ray.init(namespace=config.namespace, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
@@ -169,15 +175,13 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             max_restarts=-1,
             max_task_retries=0,
             num_cpus=0,
-            # route Serve handle calls on the orchestrator's own event loop rather than a
-            # router thread: one cross-thread hop less per task
-            runtime_env={"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}},
+            runtime_env=DRIVER_RUNTIME_ENV,
         )
         .remote(orchestrator_config, config.namespace)
     )
     ray.get(orchestrator.ready.remote())
     serve.run(
-        ControlPlaneAPI.bind(config.namespace),
+        ControlPlaneAPI.bind(config.namespace, orchestrator_config),
         name=API_APP_NAME,
         route_prefix="/",
         logging_config=_QUIET_ACCESS_LOG,

@@ -141,3 +141,11 @@ class StartedTask(BaseModel):
     state: dict[str, Any] | None = None
     resume: bool = False
     inbox_seq: int = 0
+
+
+class DriverNotice(BaseModel):
+    """What the control plane tells a task driver: its running tasks that were cancelled, and
+    (to the orchestrator) tasks whose driver went silent, now its own."""
+
+    cancelled: list[str] = Field(default_factory=list)
+    orphaned: list[str] = Field(default_factory=list)

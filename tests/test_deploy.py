@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import threading
 import time
 
 import httpx
@@ -302,29 +304,64 @@ async def test_async_client_methods(aclient: AsyncLlamaDeployClient) -> None:
         await aclient.get_session("async-session")
 
 
-def test_a_restarted_orchestrator_drives_unfinished_tasks_again(client) -> None:
+def _running(session, task_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(TaskNotFoundError):  # a run's request may still be on its way
+            if session.get_task_result(task_id).status is TaskStatus.RUNNING:
+                return
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client) -> None:
     import ray
 
     from llama_deploy_ray._config import ORCHESTRATOR_ACTOR_NAME
 
     session = client.create_session()
     task_id = session.run_nowait("sleep", seconds=2, tag="survivor")
-    deadline = time.monotonic() + 20
-    while session.get_task_result(task_id).status is not TaskStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _running(session, task_id)
     ray.kill(ray.get_actor(ORCHESTRATOR_ACTOR_NAME), no_restart=False)
-    # while it restarts the API answers 503; once back, its first request makes it claim
-    # what is unfinished
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            assert client.create_session().run("echo", arg1="after") == "after_result"
-            break
-        except ControlPlaneUnavailableError:
-            assert time.monotonic() < deadline, "the orchestrator did not come back"
-            time.sleep(0.5)
-    result = session.get_task_result(task_id, wait_s=60)
+    # no request needed: its new incarnation drives again what the silent one left
+    result = session.get_task_result(task_id, wait_s=90)
     assert result.status is TaskStatus.COMPLETED
     assert result.result["log"] == ["survivor"]
+    assert result.attempts == 2
+
+
+def test_a_run_whose_api_replica_died_is_finished_by_the_orchestrator(
+    client, control_plane_config: ControlPlaneConfig
+) -> None:
+    import ray
+
+    session = client.create_session()
+    task = TaskDefinition(input='{"seconds": 2, "tag": "orphan"}', agent_id="sleep")
+
+    def run() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # its connection dies with the replica
+            httpx.post(
+                f"{control_plane_config.url}/sessions/{session.session_id}/run",
+                json=task.model_dump(mode="json"),
+                timeout=60,
+            )
+
+    threading.Thread(target=run, daemon=True).start()
+    _running(session, task.task_id)
+    (replica,) = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "ControlPlaneAPI" in a["name"]
+    ]
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 90
+    while True:  # Serve starts a new API replica
+        try:
+            result = session.get_task_result(task.task_id, wait_s=60)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "the API did not come back"
+            time.sleep(0.5)
+    assert result.status is TaskStatus.COMPLETED
+    assert result.result["log"] == ["orphan"]
     assert result.attempts == 2

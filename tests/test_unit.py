@@ -214,7 +214,7 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
 
     async def run_one() -> str:
         task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
-        await control_plane.begin_task(task)
+        await control_plane.begin_task(task, "driver")
         await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
         return task.task_id
 
@@ -229,7 +229,45 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
     other = await control_plane.create_session()
     await control_plane.register_service(ServiceDefinition(service_name="svc"))
     task = TaskDefinition(input="{}", agent_id="svc", session_id=other.session_id)
-    await control_plane.begin_task(task)
+    await control_plane.begin_task(task, "driver")
     await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
     assert session.session_id not in {s.session_id for s in await control_plane.list_sessions()}
     assert (await control_plane.sizes())["sessions"] == 1
+
+
+async def test_a_driver_hears_of_its_cancelled_tasks_and_a_silent_drivers_tasks_are_adopted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llama_deploy_ray import _control_plane
+    from llama_deploy_ray._types import ServiceDefinition
+
+    monkeypatch.setattr(_control_plane, "DRIVER_SILENCE_S", 0.2)
+    control_plane = _control_plane.ControlPlane(task_retention_s=60, session_retention_s=60)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session = await control_plane.create_session()
+
+    def new_task() -> TaskDefinition:
+        return TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+
+    cancelled, orphan, other_session_task = new_task(), new_task(), new_task()
+    await control_plane.begin_task(cancelled, "api")
+    watch = asyncio.ensure_future(control_plane.watch_driver("api", wait_s=5))
+    await asyncio.sleep(0.05)
+    assert not watch.done()  # nothing to say: the watch waits
+    await control_plane.cancel_task(session.session_id, cancelled.task_id)
+    notice = await asyncio.wait_for(watch, timeout=1)
+    assert notice.cancelled == [cancelled.task_id]
+
+    await control_plane.create_task(orphan, "dead")  # a driver that never watches again
+    other = await control_plane.create_session()
+    other_session_task = other_session_task.model_copy(update={"session_id": other.session_id})
+    await control_plane.create_task(other_session_task, "api")
+    await asyncio.sleep(0.3)
+    await control_plane.watch_driver("api", wait_s=0)  # "api" is alive: it keeps watching
+    notice = await control_plane.watch_driver("orchestrator", wait_s=0, adopt_orphans=True)
+    assert notice.orphaned == [orphan.task_id]
+    # adopted once: a later watch finds nothing more
+    notice = await control_plane.watch_driver("orchestrator", wait_s=0, adopt_orphans=True)
+    assert notice.orphaned == []
+    started = await control_plane.start_task(orphan.task_id, "orchestrator")
+    assert started is not None and started.task.task_id == orphan.task_id
