@@ -1,6 +1,6 @@
 """The control plane's HTTP API: a stateless Ray Serve FastAPI ingress in front of the control
-plane and orchestrator actors, with the routes of llama_deploy's control plane server. A run
-answered over its own request is driven by the replica that holds the request (see `_driver`).
+plane and orchestrator actors, with the routes of llama_deploy's control plane server. (The
+clients send a `run` to its service's replicas directly, at `workflow_route(name)`.)
 
 Errors are JSON, `{"error": class name, "message": ..., "detail": {...}}`, with the status of
 their class (see `_errors`). Workflow state is readable here but not writable: it may hold
@@ -18,8 +18,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
-from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME, SimpleOrchestratorConfig
-from ._driver import DRIVER_RUNTIME_ENV, TaskDriver
+from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 from ._errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
@@ -61,24 +60,12 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=cause.status_code, content=error_to_json(cause))
 
 
-def _task_in_session(session_id: str, task: TaskDefinition) -> TaskDefinition:
-    if task.session_id not in (None, session_id):
-        raise InvalidRequestError(
-            f"the task names session {task.session_id!r} but was sent to session {session_id!r}"
-        )
-    return task.model_copy(update={"session_id": session_id})
-
-
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0, "runtime_env": DRIVER_RUNTIME_ENV},
-    max_ongoing_requests=1000,
-)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class ControlPlaneAPI:
-    def __init__(self, namespace: str, orchestrator_config: SimpleOrchestratorConfig) -> None:
+    def __init__(self, namespace: str) -> None:
         self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
         self._orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME, namespace=namespace)
-        self._driver = TaskDriver(self._control_plane, orchestrator_config)
 
     @app.get("/")
     async def home(self) -> dict[str, str]:
@@ -131,12 +118,12 @@ class ControlPlaneAPI:
     @app.post("/sessions/{session_id}/tasks")
     async def create_task(self, session_id: str, task: TaskDefinition) -> TaskResult:
         """Start a task and answer at once with its pending result."""
-        return await self._orchestrator.submit.remote(_task_in_session(session_id, task))
+        return await self._orchestrator.submit.remote(task.sent_to(session_id))
 
     @app.post("/sessions/{session_id}/run")
     async def run_task(self, session_id: str, task: TaskDefinition) -> TaskResult:
         """Run a task and answer when it is final (the response is the long poll)."""
-        return await self._driver.run(_task_in_session(session_id, task))
+        return await self._orchestrator.run.remote(task.sent_to(session_id))
 
     @app.get("/sessions/{session_id}/tasks")
     async def list_tasks(self, session_id: str) -> list[TaskResult]:

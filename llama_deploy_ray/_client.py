@@ -4,6 +4,8 @@ sends it; the two clients differ only in how they send."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ from workflows.events import Event
 from . import _client_core as core
 from ._client_core import DEFAULT_POLL_INTERVAL, Call
 from ._config import ControlPlaneConfig
+from ._errors import ControlPlaneUnavailableError, LlamaDeployError, TaskNotFoundError
 from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
 
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -112,7 +115,29 @@ class SessionClient:
         """Run the service's workflow with `run_kwargs` and return its result; raises
         `TaskFailedError` (with the workflow's own error) when it fails."""
         task = core.task_definition(service_name, run_kwargs)
-        return core.result_value(self.client._send(core.run_task(self.session_id, task)))
+        try:
+            result = self.client._send(core.run_task(self.session_id, task))
+        except LlamaDeployError as exc:
+            if not core.run_interrupted(exc):
+                raise
+            result = self._result_after(task.task_id, exc)
+        return core.result_value(result)
+
+    def _result_after(self, task_id: str, interrupted: LlamaDeployError) -> TaskResult:
+        """The run's request was cut: wait for the task's result, if it started."""
+        deadline = time.monotonic() + core.RECOVERY_S
+        while True:
+            try:
+                result = self.get_task_result(task_id, wait_s=core.RECOVERY_S)
+            except TaskNotFoundError:
+                raise interrupted from None  # it never started
+            except ControlPlaneUnavailableError:
+                if time.monotonic() > deadline:
+                    raise interrupted from None
+                time.sleep(1.0)
+                continue
+            if result.status.is_final:
+                return result
 
     def run_nowait(self, service_name: str, **run_kwargs: Any) -> str:
         """Start the service's workflow and return the task id at once."""
@@ -241,7 +266,29 @@ class AsyncSessionClient:
         """Run the service's workflow with `run_kwargs` and return its result; raises
         `TaskFailedError` (with the workflow's own error) when it fails."""
         task = core.task_definition(service_name, run_kwargs)
-        return core.result_value(await self.client._send(core.run_task(self.session_id, task)))
+        try:
+            result = await self.client._send(core.run_task(self.session_id, task))
+        except LlamaDeployError as exc:
+            if not core.run_interrupted(exc):
+                raise
+            result = await self._result_after(task.task_id, exc)
+        return core.result_value(result)
+
+    async def _result_after(self, task_id: str, interrupted: LlamaDeployError) -> TaskResult:
+        """The run's request was cut: wait for the task's result, if it started."""
+        deadline = time.monotonic() + core.RECOVERY_S
+        while True:
+            try:
+                result = await self.get_task_result(task_id, wait_s=core.RECOVERY_S)
+            except TaskNotFoundError:
+                raise interrupted from None  # it never started
+            except ControlPlaneUnavailableError:
+                if time.monotonic() > deadline:
+                    raise interrupted from None
+                await asyncio.sleep(1.0)
+                continue
+            if result.status.is_final:
+                return result
 
     async def run_nowait(self, service_name: str, **run_kwargs: Any) -> str:
         """Start the service's workflow and return the task id at once."""

@@ -13,10 +13,12 @@ import httpx
 from pydantic import TypeAdapter
 from workflows.events import Event
 
+from ._config import workflow_route
 from ._errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployError,
+    ServiceNotFoundError,
     TaskCancelledError,
     TaskFailedError,
     TaskTimeoutError,
@@ -28,6 +30,9 @@ from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskRe
 T = TypeVar("T")
 
 DEFAULT_POLL_INTERVAL = 0.5  # accepted for the seed's signatures; nothing polls here
+# How long a run whose request was cut waits for the control plane to answer again, and for
+# each wait on the task's result: a silent driver's tasks are adopted within about 20 s.
+RECOVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class Call(Generic[T]):
     params: dict[str, Any] = field(default_factory=dict)
     # extra seconds the server may hold the request (long polls) on top of the client timeout
     hold_s: float = 0.0
+    # raised when nothing at the path answers (a 404 that is not one of ours)
+    not_routed: LlamaDeployError | None = None
 
 
 def _none(_: Any) -> None:
@@ -121,7 +128,23 @@ def task_definition(service_name: str, run_kwargs: dict[str, Any]) -> TaskDefini
 
 
 def run_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
-    return Call("POST", f"/sessions/{session_id}/run", _result, body=task.model_dump())
+    """Straight to the service's replicas, which drive the run (see `_service`)."""
+    service_name = task.agent_id or ""
+    return Call(
+        "POST",
+        f"{workflow_route(service_name)}/sessions/{session_id}/run",
+        _result,
+        body=task.model_dump(),
+        not_routed=ServiceNotFoundError(service_name),
+    )
+
+
+def run_interrupted(exc: LlamaDeployError) -> bool:
+    """Whether a run's request was cut between the client and the replica driving it (the
+    replica died, say), so that the task may still finish: the orchestrator adopts it."""
+    timed_out = isinstance(exc.__cause__, httpx.TimeoutException)
+    unknown_failure = type(exc) is LlamaDeployError  # an answer that is none of ours
+    return unknown_failure or (isinstance(exc, ControlPlaneUnavailableError) and not timed_out)
 
 
 def create_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
@@ -204,6 +227,8 @@ def read_response(call: Call[T], response: httpx.Response) -> T:
         body = response.json()
     except ValueError:
         body = {"message": response.text}
+    if response.status_code == 404 and call.not_routed is not None and "error" not in body:
+        raise call.not_routed
     raise error_from_json(
         body if isinstance(body, dict) else {"message": body}, response.status_code
     )

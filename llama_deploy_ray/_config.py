@@ -17,12 +17,27 @@ DEFAULT_NAMESPACE = "llama_deploy_ray"
 # the named actors of the core, in the namespace above
 CONTROL_PLANE_ACTOR_NAME = "llama_deploy_control_plane"
 ORCHESTRATOR_ACTOR_NAME = "llama_deploy_orchestrator"
+
+
+def workflow_route(service_name: str) -> str:
+    """Where a service's replicas take runs over HTTP, beside the control plane's API:
+    `POST {route}/sessions/{session_id}/run` with a `TaskDefinition`."""
+    return f"/workflows/{service_name}"
+
+
 # A driver's watch on the control plane returns at least every DRIVER_WATCH_S; a driver not
 # heard from for DRIVER_SILENCE_S is presumed dead and its unfinished tasks are driven again.
 DRIVER_WATCH_S = 5.0
 DRIVER_SILENCE_S = 15.0
-# Ray Serve's HAProxy ingress and throughput-optimized mode, read when Ray and Serve start
-SERVE_FAST_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Ray Serve's HAProxy ingress and throughput-optimized mode, read when Ray and Serve start, for
+# the local Ray deploy_core starts. A stopping replica stays open 30 s by default so that cloud
+# load balancers can deregister it; the local HAProxy needs far less (and it retries refused
+# connections), so stopping Serve does not take half a minute.
+SERVE_FAST_MODE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 
 class ControlPlaneConfig(BaseSettings):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
+import socket
 
 import ray
 from ray import serve
@@ -19,9 +21,9 @@ from ._config import (
     SimpleMessageQueueConfig,
     SimpleOrchestratorConfig,
     WorkflowServiceConfig,
+    workflow_route,
 )
 from ._control_plane import ControlPlane
-from ._driver import DRIVER_RUNTIME_ENV
 from ._errors import ControlPlaneUnavailableError, InvalidRequestError
 from ._orchestrator import SimpleOrchestrator
 from ._packaging import pack_workflow
@@ -63,6 +65,10 @@ async def deploy_core(
         )
     started_ray = _connect(config, start_if_missing=True)
     await asyncio.to_thread(_start_core, config, orchestrator_config)
+    if started_ray:
+        # Serve's HAProxy is a child process that outlives a Ray stopped from under it and
+        # keeps the port: stop Serve first, at exit (Ray's own exit handler runs after this).
+        atexit.register(serve.shutdown)
     logger.info("llama-deploy-ray control plane at %s", config.url)
     if blocking or (blocking is None and started_ray):
         await asyncio.Event().wait()
@@ -97,13 +103,13 @@ async def deploy_workflow(
         await control_plane.register_service.remote(definition)  # raises ServiceConflictError
     _warn_if_it_cannot_fit(workflow_config)
     application = WorkflowService.options(**workflow_config.deployment_options()).bind(
-        packed, config.namespace, workflow_config.input_hold_s
+        packed, workflow_config.service_name, config.namespace, workflow_config.input_hold_s
     )
     await asyncio.to_thread(
         serve.run,
         application,
         name=workflow_config.service_name,
-        route_prefix=None,
+        route_prefix=workflow_route(workflow_config.service_name),
         logging_config=_QUIET_ACCESS_LOG,
     )
     events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
@@ -146,8 +152,32 @@ def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
         # Ray's processes inherit this process's environment; a variable set by the user wins.
         for name, value in SERVE_FAST_MODE_ENV.items():
             os.environ.setdefault(name, value)
+    _check_ports_are_free(config)
     ray.init(namespace=config.namespace, include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+def _check_ports_are_free(config: ControlPlaneConfig) -> None:
+    """Serve fails late and obscurely on a taken port: say which one up front."""
+    ports = {config.port: (config.host, f"the control plane's API at {config.url}")}
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        for name, default, use in (
+            ("RAY_SERVE_HAPROXY_STATS_PORT", 8404, "HAProxy's stats page"),
+            ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101, "HAProxy's metrics"),
+        ):
+            ports[int(os.environ.get(name, default))] = ("0.0.0.0", f"{use} ({name})")
+    for port, (host, use) in ports.items():
+        with socket.socket() as sock:
+            # only a listener makes it fail, not the closed connections of an earlier run
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ControlPlaneUnavailableError(
+                    f"port {port}, for {use}, is taken ({exc}): another program listens there "
+                    "(an HAProxy left by a Ray that was killed? `pkill haproxy`); stop it or "
+                    "pick another port"
+                ) from exc
 
 
 def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestratorConfig) -> None:
@@ -175,13 +205,15 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             max_restarts=-1,
             max_task_retries=0,
             num_cpus=0,
-            runtime_env=DRIVER_RUNTIME_ENV,
+            # route Serve handle calls on the orchestrator's own event loop rather than a
+            # router thread: one cross-thread hop less per task
+            runtime_env={"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}},
         )
         .remote(orchestrator_config, config.namespace)
     )
     ray.get(orchestrator.ready.remote())
     serve.run(
-        ControlPlaneAPI.bind(config.namespace, orchestrator_config),
+        ControlPlaneAPI.bind(config.namespace),
         name=API_APP_NAME,
         route_prefix="/",
         logging_config=_QUIET_ACCESS_LOG,

@@ -1,17 +1,17 @@
 """Driving a task: from its turn on the control plane to its recorded outcome.
 
-Whoever holds a task's request drives it, so a task's path has no hop it does not need: the HTTP
-API's replicas drive the runs they answer, the orchestrator actor drives what outlives a request
-(tasks started without waiting, tasks resumed by an event, tasks whose driver died). A driver
-asks the control plane for the task's turn and state, publishes the task to the service's topic,
-awaits the replica's answer, sends the task again when the replica died under it (up to
-`max_retries`) and records the outcome. A task that waits for input is parked on the control
-plane.
+A driver asks the control plane for the task's turn and state, has the workflow run, and records
+the outcome; a task that waits for input is parked on the control plane. There are two kinds:
+
+- `PublishingDriver` (the orchestrator) publishes each task to its service's topic and awaits
+  the replica's answer, sending the task again when the replica died under it (`max_retries`);
+- `LocalDriver` (each workflow replica) runs the task in its own process: a `run` that reaches a
+  replica over HTTP costs one Serve hop, not two.
 
 Each driver keeps one call open on the control plane (`watch_driver`). It is the driver's
 heartbeat, and it returns the driver's running tasks that a client cancelled, so the driver can
-cancel their replica calls; the orchestrator's also returns the tasks of drivers that went
-silent, to drive them again.
+stop them; the orchestrator's also returns the tasks of drivers that went silent (a replica that
+died mid-run, an earlier incarnation of the orchestrator), to drive them again.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Coroutine, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.handle import DeploymentResponse
 
 from ._config import DRIVER_WATCH_S, SimpleOrchestratorConfig
 from ._message_queue import RayMessageQueue
@@ -33,27 +32,23 @@ from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome, Task
 
 logger = logging.getLogger(__name__)
 
-# A driver's process routes Serve handle calls on its own event loop rather than on a router
-# thread: one cross-thread hop less per task.
-DRIVER_RUNTIME_ENV = {"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}}
+_CANCELLED = TaskOutcome(error="cancelled by a client", error_type="TaskCancelledError")
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> Any: ...
 
 
 class TaskDriver:
-    def __init__(
-        self,
-        control_plane: ray.actor.ActorHandle,
-        config: SimpleOrchestratorConfig,
-        *,
-        adopts_orphans: bool = False,
-    ) -> None:
+    """What both kinds share: the control-plane side of driving, and cancellation."""
+
+    def __init__(self, control_plane: ray.actor.ActorHandle, *, adopts_orphans: bool) -> None:
         self.driver_id = uuid.uuid4().hex
         self._control_plane = control_plane
-        self._config = config
         self._adopts_orphans = adopts_orphans
-        self._queue = RayMessageQueue()
-        # tasks this driver started, with their replica call once it is made
-        self._in_flight: dict[str, DeploymentResponse | None] = {}
-        # of those, the ones cancelled before their replica call was made
+        # tasks this driver started, with their run (a replica call, a local task) once made
+        self._in_flight: dict[str, _Cancellable | None] = {}
+        # of those, the ones cancelled before their run was made
         self._cancelled: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -64,16 +59,12 @@ class TaskDriver:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def run(self, task: TaskDefinition) -> TaskResult:
-        """Record `task`, drive it and return its final result (after any wait for input)."""
+        """Record `task`, drive it and return its final result (after any wait for input).
+
+        The driving goes on if the caller goes away (a client that disconnected), so a task
+        that started is always recorded."""
         self.start()
-        with self._driving(task.task_id):
-            started = await self._control_plane.begin_task.remote(task, self.driver_id)
-            result = await self.drive(started, task.task_id)
-        if result is None:  # parked waiting for input, or cancelled before it started
-            result = await self._control_plane.get_task_result.remote(
-                task.session_id, task.task_id, float("inf")
-            )
-        return result
+        return await asyncio.shield(self.in_background(self._run(task)))
 
     async def submit(self, task: TaskDefinition) -> TaskResult:
         """Record `task`, drive it in the background and return its pending result."""
@@ -82,29 +73,47 @@ class TaskDriver:
         self.in_background(self._start_and_drive(task.task_id))
         return pending
 
-    def in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def resume(self, started: StartedTask) -> None:
+        """Drive, in the background, a task that waited for input and was given an event."""
+        self.in_background(self._resume(started))
+
+    def in_background(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
-    async def resume(self, started: StartedTask) -> None:
-        """Drive a task that waited for input and was given an event."""
-        with self._driving(started.task.task_id):
-            await self.drive(started, started.task.task_id)
+    async def _deliver(self, started: StartedTask) -> TaskOutcome:
+        """Have the workflow run the task once (or resume it) and return its outcome."""
+        raise NotImplementedError
 
-    async def drive(self, started: StartedTask | None, task_id: str) -> TaskResult | None:
-        """Run the task until it is final (its result) or waits for input (None)."""
-        while started is not None:
-            outcome = await self._deliver(started)
-            if outcome.snapshot is None:
-                return await self._control_plane.finish_task.remote(task_id, outcome)
-            started = await self._control_plane.park_task.remote(task_id, outcome)
-        return None
+    async def _run(self, task: TaskDefinition) -> TaskResult:
+        with self._driving(task.task_id):
+            started = await self._control_plane.begin_task.remote(task, self.driver_id)
+            result = await self._drive(started, task.task_id)
+        if result is None:  # parked waiting for input, or cancelled before it started
+            result = await self._control_plane.get_task_result.remote(
+                task.session_id, task.task_id, float("inf")
+            )
+        return result
 
     async def _start_and_drive(self, task_id: str) -> None:
         with self._driving(task_id):
             started = await self._control_plane.start_task.remote(task_id, self.driver_id)
-            await self.drive(started, task_id)
+            await self._drive(started, task_id)
+
+    async def _resume(self, started: StartedTask) -> None:
+        with self._driving(started.task.task_id):
+            await self._drive(started, started.task.task_id)
+
+    async def _drive(self, started: StartedTask | None, task_id: str) -> TaskResult | None:
+        """Run the task until it is final (its result) or waits for input (None)."""
+        while started is not None:
+            outcome = _CANCELLED if task_id in self._cancelled else await self._deliver(started)
+            if outcome.snapshot is None:
+                return await self._control_plane.finish_task.remote(task_id, outcome)
+            started = await self._control_plane.park_task.remote(task_id, outcome)
+        return None
 
     @contextlib.contextmanager
     def _driving(self, task_id: str) -> Iterator[None]:
@@ -115,46 +124,6 @@ class TaskDriver:
         finally:
             self._in_flight.pop(task_id, None)
             self._cancelled.discard(task_id)
-
-    async def _deliver(self, started: StartedTask) -> TaskOutcome:
-        task = started.task
-        message = QueueMessage(
-            type=task.agent_id or "",
-            data={
-                "task": task,
-                "state": started.state,
-                "resume": started.resume,
-                "inbox_seq": started.inbox_seq,
-            },
-        )
-        attempt = 0
-        while True:
-            if task.task_id in self._cancelled:
-                return TaskOutcome(error="cancelled by a client", error_type="TaskCancelledError")
-            response = self._queue.publish(message)
-            self._in_flight[task.task_id] = response
-            try:
-                return await response
-            except (RayActorError, ActorUnavailableError) as exc:
-                if attempt >= self._config.max_retries:
-                    return TaskOutcome(
-                        error=(
-                            f"the replica running the task died {attempt + 1} times "
-                            f"(max_retries={self._config.max_retries}): {exc}"
-                        ),
-                        error_type="ReplicaDiedError",
-                    )
-                attempt += 1
-                logger.warning("task %s: replica died, retry %d: %s", task.task_id, attempt, exc)
-                await self._control_plane.record_retry.remote(task.task_id)
-                await asyncio.sleep(self._config.retry_backoff_s)
-            except Exception as exc:
-                return TaskOutcome(
-                    error=f"the task could not be delivered to {message.type!r}: {exc}",
-                    error_type=type(exc).__name__,
-                )
-            finally:
-                self._in_flight[task.task_id] = None
 
     async def _watch(self) -> None:
         while True:
@@ -175,8 +144,76 @@ class TaskDriver:
     def _cancel(self, task_id: str) -> None:
         if task_id not in self._in_flight:
             return  # already done here
-        response = self._in_flight[task_id]
-        if response is None:  # between its start and its publish: _deliver must not publish it
-            self._cancelled.add(task_id)
-        else:
-            response.cancel()
+        self._cancelled.add(task_id)
+        running = self._in_flight[task_id]
+        if running is not None:
+            running.cancel()
+
+
+class PublishingDriver(TaskDriver):
+    """Publishes each task to a replica of its service, and retries when the replica died."""
+
+    def __init__(
+        self, control_plane: ray.actor.ActorHandle, config: SimpleOrchestratorConfig
+    ) -> None:
+        super().__init__(control_plane, adopts_orphans=True)
+        self._config = config
+        self._queue = RayMessageQueue()
+
+    async def _deliver(self, started: StartedTask) -> TaskOutcome:
+        task_id = started.task.task_id
+        message = QueueMessage(type=started.task.agent_id or "", data={"started": started})
+        attempt = 0
+        while True:
+            response = self._queue.publish(message)
+            self._in_flight[task_id] = response
+            try:
+                return await response
+            except (RayActorError, ActorUnavailableError) as exc:
+                if attempt >= self._config.max_retries:
+                    return TaskOutcome(
+                        error=(
+                            f"the replica running the task died {attempt + 1} times "
+                            f"(max_retries={self._config.max_retries}): {exc}"
+                        ),
+                        error_type="ReplicaDiedError",
+                    )
+                attempt += 1
+                logger.warning("task %s: replica died, retry %d: %s", task_id, attempt, exc)
+                await self._control_plane.record_retry.remote(task_id)
+                await asyncio.sleep(self._config.retry_backoff_s)
+                if task_id in self._cancelled:
+                    return _CANCELLED
+            except Exception as exc:
+                return TaskOutcome(
+                    error=f"the task could not be delivered to {message.type!r}: {exc}",
+                    error_type=type(exc).__name__,
+                )
+            finally:
+                self._in_flight[task_id] = None
+
+
+class LocalDriver(TaskDriver):
+    """Runs each task in this process with `run_here`; if the process dies, the orchestrator
+    adopts the task once this driver is silent."""
+
+    def __init__(
+        self,
+        control_plane: ray.actor.ActorHandle,
+        run_here: Callable[[StartedTask], Awaitable[TaskOutcome]],
+    ) -> None:
+        super().__init__(control_plane, adopts_orphans=False)
+        self._run_here = run_here
+
+    async def _deliver(self, started: StartedTask) -> TaskOutcome:
+        task_id = started.task.task_id
+        running = asyncio.ensure_future(self._run_here(started))
+        self._in_flight[task_id] = running
+        try:
+            return await running
+        except asyncio.CancelledError:
+            if task_id in self._cancelled:  # our own cancel: the driving itself goes on
+                return _CANCELLED
+            raise
+        finally:
+            self._in_flight[task_id] = None

@@ -1,10 +1,10 @@
-"""The orchestrator: a Ray actor that drives the tasks no request waits on.
+"""The orchestrator: a Ray actor that drives tasks by publishing them to their service.
 
-A `run` is driven by the HTTP API replica that answers it (see `_driver`); what outlives a
-request is driven here: tasks started without waiting for them, tasks resumed by an event after
-they waited for input, and the unfinished tasks of drivers that went silent (a dead API
-replica, an earlier incarnation of this actor), which it adopts within seconds. Nested runs
-(`_nested`) are driven here too, so a child does not hold its parent's replica's driver.
+A `run` sent by the clients goes straight to a replica of its service, which drives it (see
+`_driver`); the orchestrator drives the rest: runs asked of the HTTP API or from inside the
+cluster (nested workflows), tasks started without waiting for them, tasks resumed by an event
+after they waited for input, and the unfinished tasks of drivers that went silent (a replica
+that died mid-run, an earlier incarnation of this actor), which it adopts within seconds.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from ._config import CONTROL_PLANE_ACTOR_NAME, SimpleOrchestratorConfig
-from ._driver import TaskDriver
+from ._driver import PublishingDriver
 from ._types import TaskDefinition, TaskResult
 
 
@@ -22,7 +22,7 @@ class SimpleOrchestrator:
     def __init__(self, config: SimpleOrchestratorConfig, namespace: str) -> None:
         control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
         self._control_plane = control_plane
-        self._driver = TaskDriver(control_plane, config, adopts_orphans=True)
+        self._driver = PublishingDriver(control_plane, config)
         # an async actor's __init__ runs on its event loop: a restarted orchestrator starts
         # adopting orphans without waiting for a request
         self._driver.start()
@@ -46,4 +46,4 @@ class SimpleOrchestrator:
             session_id, task_id, service_name, event, self._driver.driver_id
         )
         if started is not None:
-            self._driver.in_background(self._driver.resume(started))
+            self._driver.resume(started)

@@ -5,7 +5,11 @@ queue), restores the session's context for this service, runs the workflow and h
 result with the context's new state. While it runs, the events the workflow writes to its
 stream are pushed to the control plane in batches. It keeps nothing between tasks, so any
 replica can take any task, and a replica that dies loses only the tasks it was running (the
-orchestrator sends those again).
+orchestrator sends those again, or adopts them).
+
+A replica also takes runs over HTTP at `workflow_route(name)`, from the clients, and drives
+those itself (`LocalDriver`): the control plane's turn and state before the run, the outcome
+recorded after it, one Serve hop in all.
 
 Human input: once the workflow writes an `InputRequiredEvent`, the replica reads the task's
 inbox on the control plane and sends what arrives into the run. If the workflow still waits
@@ -22,8 +26,12 @@ import logging
 from typing import Any
 
 import ray
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 from ray import serve
+from ray.exceptions import RayActorError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from workflows import Context, Workflow
 from workflows.context import PickleSerializer
 from workflows.events import Event, HumanResponseEvent, InputRequiredEvent, StopEvent
@@ -31,10 +39,17 @@ from workflows.handler import WorkflowHandler
 
 from . import _nested
 from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
-from ._errors import InvalidRequestError
+from ._driver import LocalDriver
+from ._errors import (
+    ControlPlaneUnavailableError,
+    InvalidRequestError,
+    LlamaDeployError,
+    NotFoundError,
+    error_to_json,
+)
 from ._events import SEQ_KEY, event_from_dict, event_to_dict
 from ._packaging import PackedWorkflow, unpack_workflow
-from ._types import QueueMessage, TaskDefinition, TaskOutcome
+from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +68,50 @@ def accepted_events(workflow: Workflow) -> dict[str, type[Event]]:
 
 @serve.deployment
 class WorkflowService:
-    def __init__(self, packed: PackedWorkflow, namespace: str, input_hold_s: float) -> None:
+    def __init__(
+        self, packed: PackedWorkflow, service_name: str, namespace: str, input_hold_s: float
+    ) -> None:
         self._workflow = unpack_workflow(packed)
+        self._service_name = service_name
         self._accepted = accepted_events(self._workflow)
         self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
         self._input_hold_s = input_hold_s
+        self._driver = LocalDriver(self._control_plane, self._run)
         _nested.attach_actors(self._control_plane, ORCHESTRATOR_ACTOR_NAME, namespace)
+
+    async def __call__(self, request: Request) -> Response:
+        """`POST .../sessions/{session_id}/run` with a `TaskDefinition`: run the task here and
+        answer with its final `TaskResult` (errors as the control plane's API sends them)."""
+        parts = request.url.path.rstrip("/").split("/")
+        if request.method != "POST" or len(parts) < 4 or parts[-3:][::2] != ["sessions", "run"]:
+            return _error_response(
+                NotFoundError(
+                    f"no route {request.method} {request.url.path}: a service takes "
+                    "POST .../sessions/{session_id}/run"
+                )
+            )
+        try:
+            task = TaskDefinition.model_validate_json(await request.body())
+            result = await self._driver.run(task.sent_to(parts[-2], self._service_name))
+        except ValidationError as exc:
+            return _error_response(InvalidRequestError(f"invalid task: {exc}"))
+        except LlamaDeployError as exc:  # from the control plane: wrapped by Ray, still ours
+            return _error_response(exc)
+        except RayActorError as exc:
+            return _error_response(
+                ControlPlaneUnavailableError(
+                    f"the control plane actor is not reachable ({type(exc).__name__}); it "
+                    "restarts on its own, retry shortly"
+                )
+            )
+        return Response(result.model_dump_json(), media_type="application/json")
 
     async def process_message(self, message: QueueMessage) -> TaskOutcome:
         """Run (or resume) the task in `message` from the state it carries."""
-        task: TaskDefinition = message.data["task"]
-        state: dict[str, Any] | None = message.data.get("state")
-        resume: bool = message.data.get("resume", False)
+        return await self._run(message.data["started"])
+
+    async def _run(self, started: StartedTask) -> TaskOutcome:
+        task, state, resume = started.task, started.state, started.resume
         ctx = None
         if state:
             if not resume:
@@ -77,8 +124,13 @@ class WorkflowService:
             handler = self._workflow.run(ctx=ctx, **({} if resume else task.run_kwargs))
         finally:
             _nested.CURRENT_TASK.reset(token)
-        run = _TaskRun(self, task.task_id, handler, message.data.get("inbox_seq", 0))
+        run = _TaskRun(self, task.task_id, handler, started.inbox_seq)
         return await run.outcome(listen=resume, had_state=state is not None)
+
+
+def _error_response(exc: LlamaDeployError) -> JSONResponse:
+    cause = getattr(exc, "cause", exc)  # a RayTaskError(ours) carries ours as its cause
+    return JSONResponse(status_code=cause.status_code, content=error_to_json(cause))
 
 
 class _TaskRun:

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ._errors import InvalidRequestError
+
 
 def _new_id() -> str:
     return uuid.uuid4().hex
@@ -66,6 +68,21 @@ class TaskDefinition(BaseModel):
     @property
     def run_kwargs(self) -> dict[str, Any]:
         return json.loads(self.input)
+
+    def sent_to(self, session_id: str, service_name: str | None = None) -> TaskDefinition:
+        """This task in the session (and for the service) its request was sent to; a task
+        that names another is refused."""
+        if self.session_id not in (None, session_id):
+            raise InvalidRequestError(
+                f"the task names session {self.session_id!r} but was sent to session {session_id!r}"
+            )
+        if service_name is not None and self.agent_id not in (None, service_name):
+            raise InvalidRequestError(
+                f"the task names service {self.agent_id!r} but was sent to service {service_name!r}"
+            )
+        return self.model_copy(
+            update={"session_id": session_id, "agent_id": service_name or self.agent_id}
+        )
 
 
 class TaskResult(BaseModel):

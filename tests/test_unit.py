@@ -176,6 +176,34 @@ def test_task_definition_input_must_be_a_json_object() -> None:
             TaskDefinition(input=bad)
 
 
+def test_a_task_takes_the_session_and_service_it_was_sent_to() -> None:
+    task = TaskDefinition(input="{}").sent_to("s1", "svc")
+    assert (task.session_id, task.agent_id) == ("s1", "svc")
+    assert task.sent_to("s1", "svc") == task
+    with pytest.raises(InvalidRequestError, match="names session 's1'"):
+        task.sent_to("s2")
+    with pytest.raises(InvalidRequestError, match="names service 'svc'"):
+        task.sent_to("s1", "other")
+
+
+def test_only_a_cut_run_request_is_waited_out() -> None:
+    import httpx
+
+    from llama_deploy_ray import _client_core as core
+
+    def cut(exc: httpx.TransportError) -> LlamaDeployError:
+        try:
+            raise core.transport_error(exc, "http://x", 1.0) from exc
+        except LlamaDeployError as error:
+            return error
+
+    assert core.run_interrupted(cut(httpx.RemoteProtocolError("peer closed")))
+    assert core.run_interrupted(LlamaDeployError("HTTP 502: Bad Gateway"))
+    assert not core.run_interrupted(cut(httpx.ReadTimeout("slow")))  # the caller's own bound
+    assert not core.run_interrupted(ServiceNotFoundError("svc"))
+    assert not core.run_interrupted(InvalidRequestError("bad"))
+
+
 def test_workflow_instances_travel_with_their_attributes() -> None:
     original = DiesOnceWorkflow("/tmp/marker", timeout=12)
     rebuilt = unpack_workflow(pickle.loads(pickle.dumps(pack_workflow(original))))
