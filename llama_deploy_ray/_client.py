@@ -120,20 +120,27 @@ class SessionClient:
         except LlamaDeployError as exc:
             if not core.run_interrupted(exc):
                 raise
-            result = self._result_after(task.task_id, exc)
+            result = self._final_result(task.task_id, interrupted=exc)
+        if not result.status.is_final:  # parked to wait for input: the replica let it go
+            result = self._final_result(task.task_id)
         return core.result_value(result)
 
-    def _result_after(self, task_id: str, interrupted: LlamaDeployError) -> TaskResult:
-        """The run's request was cut: wait for the task's result, if it started."""
+    def _final_result(
+        self, task_id: str, interrupted: LlamaDeployError | None = None
+    ) -> TaskResult:
+        """Wait for the task's final result: it waits for input, or its run's request was
+        cut (`interrupted`) and the task goes on if it started."""
         deadline = time.monotonic() + core.RECOVERY_S
         while True:
             try:
                 result = self.get_task_result(task_id, wait_s=core.RECOVERY_S)
             except TaskNotFoundError:
+                if interrupted is None:
+                    raise
                 raise interrupted from None  # it never started
             except ControlPlaneUnavailableError:
                 if time.monotonic() > deadline:
-                    raise interrupted from None
+                    raise
                 time.sleep(1.0)
                 continue
             if result.status.is_final:
@@ -271,20 +278,27 @@ class AsyncSessionClient:
         except LlamaDeployError as exc:
             if not core.run_interrupted(exc):
                 raise
-            result = await self._result_after(task.task_id, exc)
+            result = await self._final_result(task.task_id, interrupted=exc)
+        if not result.status.is_final:  # parked to wait for input: the replica let it go
+            result = await self._final_result(task.task_id)
         return core.result_value(result)
 
-    async def _result_after(self, task_id: str, interrupted: LlamaDeployError) -> TaskResult:
-        """The run's request was cut: wait for the task's result, if it started."""
+    async def _final_result(
+        self, task_id: str, interrupted: LlamaDeployError | None = None
+    ) -> TaskResult:
+        """Wait for the task's final result: it waits for input, or its run's request was
+        cut (`interrupted`) and the task goes on if it started."""
         deadline = time.monotonic() + core.RECOVERY_S
         while True:
             try:
                 result = await self.get_task_result(task_id, wait_s=core.RECOVERY_S)
             except TaskNotFoundError:
+                if interrupted is None:
+                    raise
                 raise interrupted from None  # it never started
             except ControlPlaneUnavailableError:
                 if time.monotonic() > deadline:
-                    raise interrupted from None
+                    raise
                 await asyncio.sleep(1.0)
                 continue
             if result.status.is_final:

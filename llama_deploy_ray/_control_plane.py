@@ -235,6 +235,7 @@ class ControlPlane:
         record = self._task(task_id)
         if record.result.status.is_final:
             return None
+        self._append_events(record, outcome.events)
         record.snapshot, record.inbox_seq = outcome.snapshot, outcome.inbox_seq
         record.update(status=TaskStatus.WAITING)
         if len(record.inbox) > record.inbox_seq:
@@ -273,10 +274,7 @@ class ControlPlane:
 
     async def append_events(self, task_id: str, events: list[dict[str, Any]]) -> None:
         """Add what the task's workflow streamed; a nested task's events reach its parents."""
-        record: _Task | None = self._task(task_id)
-        while record is not None:
-            record.stream.extend(events)
-            record = self._tasks.get(record.definition.parent_task_id or "")
+        self._append_events(self._task(task_id), events)
 
     async def read_events(
         self, session_id: str, task_id: str, after: int, wait_s: float
@@ -306,6 +304,7 @@ class ControlPlane:
         record = self._task(task_id)
         if record.result.status.is_final:  # cancelled while it ran
             return record.result
+        self._append_events(record, outcome.events)
         session = self._sessions.get(record.definition.session_id or "")
         if session is not None and outcome.state is not None:
             session.state[record.result.service_name or ""] = outcome.state
@@ -364,6 +363,11 @@ class ControlPlane:
         return DriverNotice(cancelled=cancelled, orphaned=orphaned)
 
     # helpers
+
+    def _append_events(self, record: _Task | None, events: list[dict[str, Any]]) -> None:
+        while record is not None and events:
+            record.stream.extend(events)
+            record = self._tasks.get(record.definition.parent_task_id or "")
 
     def _heard_from(self, driver_id: str) -> _Driver:
         driver = self._drivers.get(driver_id)

@@ -59,7 +59,8 @@ class TaskDriver:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def run(self, task: TaskDefinition) -> TaskResult:
-        """Record `task`, drive it and return its final result (after any wait for input).
+        """Record `task`, drive it and return its result: final, or `waiting` when it was
+        parked to wait for input (then it holds no replica slot, nor this call).
 
         The driving goes on if the caller goes away (a client that disconnected), so a task
         that started is always recorded."""
@@ -92,9 +93,7 @@ class TaskDriver:
             started = await self._control_plane.begin_task.remote(task, self.driver_id)
             result = await self._drive(started, task.task_id)
         if result is None:  # parked waiting for input, or cancelled before it started
-            result = await self._control_plane.get_task_result.remote(
-                task.session_id, task.task_id, float("inf")
-            )
+            result = await self._control_plane.get_task_result.remote(task.session_id, task.task_id)
         return result
 
     async def _start_and_drive(self, task_id: str) -> None:

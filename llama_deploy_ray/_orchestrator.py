@@ -20,9 +20,8 @@ from ._types import TaskDefinition, TaskResult
 
 class SimpleOrchestrator:
     def __init__(self, config: SimpleOrchestratorConfig, namespace: str) -> None:
-        control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
-        self._control_plane = control_plane
-        self._driver = PublishingDriver(control_plane, config)
+        self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
+        self._driver = PublishingDriver(self._control_plane, config)
         # an async actor's __init__ runs on its event loop: a restarted orchestrator starts
         # adopting orphans without waiting for a request
         self._driver.start()
@@ -32,7 +31,12 @@ class SimpleOrchestrator:
 
     async def run(self, task: TaskDefinition) -> TaskResult:
         """Run `task` and return its final result (after any wait for input)."""
-        return await self._driver.run(task)
+        result = await self._driver.run(task)
+        if not result.status.is_final:  # parked: wait here, where it holds no replica slot
+            result = await self._control_plane.get_task_result.remote(
+                task.session_id, task.task_id, float("inf")
+            )
+        return result
 
     async def submit(self, task: TaskDefinition) -> TaskResult:
         """Record `task`, drive it in the background and return its pending result."""

@@ -148,6 +148,7 @@ class _TaskRun:
         self._snapshot: dict[str, Any] | None = None
         self._buffer: list[dict[str, Any]] = []
         self._sender: asyncio.Task[None] | None = None
+        self._ending = False
 
     async def outcome(self, *, listen: bool, had_state: bool) -> TaskOutcome:
         if listen:
@@ -169,12 +170,14 @@ class _TaskRun:
         finally:
             if self._listener is not None:
                 self._listener.cancel()
-        # the stream is complete before the task is reported, so readers see it all
+        # the stream is complete when the task is reported, so readers see it all: the batch
+        # in flight lands first, and what is left goes with the outcome (one call fewer)
         with contextlib.suppress(Exception):
             await pump
+        self._ending = True
         if self._sender is not None:
             await self._sender
-        await self._send()
+        outcome.events, self._buffer = self._buffer, []
         return outcome
 
     async def _completed(self, result: Any, had_state: bool) -> TaskOutcome:
@@ -210,7 +213,7 @@ class _TaskRun:
 
     async def _send(self) -> None:
         # one batch in flight at a time: what arrives meanwhile goes in the next batch
-        while self._buffer:
+        while self._buffer and not self._ending:
             batch, self._buffer = self._buffer, []
             await self._service._control_plane.append_events.remote(self._task_id, batch)
 

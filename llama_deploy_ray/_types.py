@@ -148,6 +148,8 @@ class TaskOutcome(BaseModel):
     state: dict[str, Any] | None = None
     snapshot: dict[str, Any] | None = None
     inbox_seq: int = 0
+    # the last events the workflow streamed, recorded with the outcome
+    events: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class StartedTask(BaseModel):

@@ -57,6 +57,11 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
             service("one_slot", max_ongoing_requests=1),
             control_plane_config,
         ),
+        deploy_workflow(
+            HumanWorkflow(timeout=60),
+            service("human_one_slot", max_ongoing_requests=1, input_hold_s=0.5),
+            control_plane_config,
+        ),
     )
     return control_plane_config
 
@@ -186,6 +191,27 @@ def test_run_waits_through_human_input(client: LlamaDeployClient, deployed) -> N
     thread.start()
     assert session.run("human") == "7"
     thread.join()
+
+
+def test_a_parked_run_holds_no_replica_slot(client: LlamaDeployClient, deployed) -> None:
+    import threading
+
+    waiting = client.create_session()
+    answers: list[str] = []
+    thread = threading.Thread(target=lambda: answers.append(waiting.run("human_one_slot")))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while (task := waiting.get_current_task()) is None or task.status is not TaskStatus.WAITING:
+        assert time.monotonic() < deadline, "the run was never parked"
+        time.sleep(0.1)
+    # the service's only slot is free again: another task runs while the first one waits
+    other = client.create_session()
+    other_id = other.run_nowait("human_one_slot")
+    answer_when_asked(other, "human_one_slot", other_id, "second")
+    assert other.get_task_result(other_id, wait_s=30).result == "second"
+    waiting.send_event("human_one_slot", task.task_id, HumanResponseEvent(response="first"))
+    thread.join(timeout=30)
+    assert answers == ["first"]
 
 
 def test_bad_events_are_refused(client: LlamaDeployClient) -> None:
