@@ -19,12 +19,6 @@ CONTROL_PLANE_ACTOR_NAME = "llama_deploy_control_plane"
 ORCHESTRATOR_ACTOR_NAME = "llama_deploy_orchestrator"
 
 
-def workflow_route(service_name: str) -> str:
-    """Where a service's replicas take runs over HTTP, beside the control plane's API:
-    `POST {route}/sessions/{session_id}/run` with a `TaskDefinition`."""
-    return f"/workflows/{service_name}"
-
-
 # A driver's watch on the control plane returns at least every DRIVER_WATCH_S; a driver not
 # heard from for DRIVER_SILENCE_S is presumed dead and its unfinished tasks are driven again.
 DRIVER_WATCH_S = 5.0
@@ -38,6 +32,12 @@ SERVE_FAST_MODE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
+
+
+def workflow_route(service_name: str) -> str:
+    """Where a service's replicas take runs over HTTP, beside the control plane's API:
+    `POST {route}/sessions/{session_id}/run` with a `TaskDefinition`."""
+    return f"/workflows/{service_name}"
 
 
 class ControlPlaneConfig(BaseSettings):
