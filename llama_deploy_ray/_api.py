@@ -16,13 +16,13 @@ from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
 
 from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 from ._errors import (
-    ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployError,
+    error_to_answer,
     error_to_json,
 )
 from ._events import SEQ_KEY, TYPE_KEY, EventBatch
@@ -50,14 +50,8 @@ app = FastAPI(
 @app.exception_handler(LlamaDeployError)
 @app.exception_handler(RayActorError)
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:
-    # Errors raised in an actor arrive as RayTaskError(cls): answer with the original.
-    cause = exc.cause if isinstance(exc, RayTaskError) else exc
-    if not isinstance(cause, LlamaDeployError):
-        cause = ControlPlaneUnavailableError(
-            f"the control plane actors are not reachable ({type(exc).__name__}); "
-            "they restart on their own, retry shortly or run deploy_core again"
-        )
-    return JSONResponse(status_code=cause.status_code, content=error_to_json(cause))
+    error = error_to_answer(exc)
+    return JSONResponse(status_code=error.status_code, content=error_to_json(error))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)

@@ -15,7 +15,7 @@ from workflows.events import Event
 from . import _client_core as core
 from ._client_core import DEFAULT_POLL_INTERVAL, Call
 from ._config import ControlPlaneConfig
-from ._errors import ControlPlaneUnavailableError, LlamaDeployError, TaskNotFoundError
+from ._errors import LlamaDeployError
 from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
 
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -134,14 +134,8 @@ class SessionClient:
         while True:
             try:
                 result = self.get_task_result(task_id, wait_s=core.RECOVERY_S)
-            except TaskNotFoundError:
-                if interrupted is None:
-                    raise
-                raise interrupted from None  # it never started
-            except ControlPlaneUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
+            except LlamaDeployError as exc:
+                time.sleep(core.pause_before_waiting_again(exc, interrupted, deadline))
                 continue
             if result.status.is_final:
                 return result
@@ -292,14 +286,8 @@ class AsyncSessionClient:
         while True:
             try:
                 result = await self.get_task_result(task_id, wait_s=core.RECOVERY_S)
-            except TaskNotFoundError:
-                if interrupted is None:
-                    raise
-                raise interrupted from None  # it never started
-            except ControlPlaneUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(1.0)
+            except LlamaDeployError as exc:
+                await asyncio.sleep(core.pause_before_waiting_again(exc, interrupted, deadline))
                 continue
             if result.status.is_final:
                 return result

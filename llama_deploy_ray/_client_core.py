@@ -5,6 +5,7 @@ to our errors. The clients only send a `Call` and hand the response back here.""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -21,6 +22,7 @@ from ._errors import (
     ServiceNotFoundError,
     TaskCancelledError,
     TaskFailedError,
+    TaskNotFoundError,
     TaskTimeoutError,
     error_from_json,
 )
@@ -137,6 +139,20 @@ def run_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
         body=task.model_dump(),
         not_routed=ServiceNotFoundError(service_name),
     )
+
+
+def pause_before_waiting_again(
+    exc: LlamaDeployError, interrupted: LlamaDeployError | None, deadline: float
+) -> float:
+    """While waiting for a task's final result: the seconds to pause before asking again after
+    `exc`, or raise. A task that is not found never started (its run's request was cut before
+    it reached the control plane: raise `interrupted`); an unreachable control plane is asked
+    again until `deadline`."""
+    if isinstance(exc, TaskNotFoundError) and interrupted is not None:
+        raise interrupted from None
+    if isinstance(exc, ControlPlaneUnavailableError) and time.monotonic() < deadline:
+        return 1.0
+    raise exc
 
 
 def run_interrupted(exc: LlamaDeployError) -> bool:

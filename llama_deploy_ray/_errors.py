@@ -157,6 +157,19 @@ def error_to_json(exc: LlamaDeployError) -> dict[str, Any]:
     return {"error": type(exc).__name__, "message": exc.message, "detail": exc.detail()}
 
 
+def error_to_answer(exc: Exception) -> LlamaDeployError:
+    """What an HTTP answer reports for `exc`: ours as raised (an error raised in an actor
+    arrives as `RayTaskError(ours)` and carries ours as its `cause`); anything else means the
+    control plane's actors could not be reached."""
+    cause = getattr(exc, "cause", exc)
+    if isinstance(cause, LlamaDeployError):
+        return cause
+    return ControlPlaneUnavailableError(
+        f"the control plane actors are not reachable ({type(exc).__name__}); "
+        "they restart on their own, retry shortly or run deploy_core again"
+    )
+
+
 def error_from_json(body: dict[str, Any], status_code: int) -> LlamaDeployError:
     """Rebuild the error the API sent; an unknown body becomes the base class."""
     cls = _BY_NAME.get(str(body.get("error")))

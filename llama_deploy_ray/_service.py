@@ -41,10 +41,10 @@ from . import _nested
 from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 from ._driver import LocalDriver
 from ._errors import (
-    ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployError,
     NotFoundError,
+    error_to_answer,
     error_to_json,
 )
 from ._events import SEQ_KEY, event_from_dict, event_to_dict
@@ -81,9 +81,12 @@ class WorkflowService:
 
     async def __call__(self, request: Request) -> Response:
         """`POST .../sessions/{session_id}/run` with a `TaskDefinition`: run the task here and
-        answer with its final `TaskResult` (errors as the control plane's API sends them)."""
-        parts = request.url.path.rstrip("/").split("/")
-        if request.method != "POST" or len(parts) < 4 or parts[-3:][::2] != ["sessions", "run"]:
+        answer with its `TaskResult`, final or `waiting` (parked for input); errors as the
+        control plane's API sends them."""
+        path = request.url.path.rstrip("/").split("/")
+        is_run = len(path) >= 3 and path[-3] == "sessions" and path[-1] == "run"
+        session_id = path[-2] if is_run else ""
+        if request.method != "POST" or not session_id:
             return _error_response(
                 NotFoundError(
                     f"no route {request.method} {request.url.path}: a service takes "
@@ -92,18 +95,11 @@ class WorkflowService:
             )
         try:
             task = TaskDefinition.model_validate_json(await request.body())
-            result = await self._driver.run(task.sent_to(parts[-2], self._service_name))
+            result = await self._driver.run(task.sent_to(session_id, self._service_name))
         except ValidationError as exc:
             return _error_response(InvalidRequestError(f"invalid task: {exc}"))
-        except LlamaDeployError as exc:  # from the control plane: wrapped by Ray, still ours
+        except (LlamaDeployError, RayActorError) as exc:  # from the control plane
             return _error_response(exc)
-        except RayActorError as exc:
-            return _error_response(
-                ControlPlaneUnavailableError(
-                    f"the control plane actor is not reachable ({type(exc).__name__}); it "
-                    "restarts on its own, retry shortly"
-                )
-            )
         return Response(result.model_dump_json(), media_type="application/json")
 
     async def process_message(self, message: QueueMessage) -> TaskOutcome:
@@ -128,9 +124,9 @@ class WorkflowService:
         return await run.outcome(listen=resume, had_state=state is not None)
 
 
-def _error_response(exc: LlamaDeployError) -> JSONResponse:
-    cause = getattr(exc, "cause", exc)  # a RayTaskError(ours) carries ours as its cause
-    return JSONResponse(status_code=cause.status_code, content=error_to_json(cause))
+def _error_response(exc: Exception) -> JSONResponse:
+    error = error_to_answer(exc)
+    return JSONResponse(status_code=error.status_code, content=error_to_json(error))
 
 
 class _TaskRun:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import pickle
+import time
 
 import pytest
 import ray
@@ -202,6 +203,17 @@ def test_only_a_cut_run_request_is_waited_out() -> None:
     assert not core.run_interrupted(cut(httpx.ReadTimeout("slow")))  # the caller's own bound
     assert not core.run_interrupted(ServiceNotFoundError("svc"))
     assert not core.run_interrupted(InvalidRequestError("bad"))
+
+    cut_off = LlamaDeployError("HTTP 502: Bad Gateway")
+    later, past = time.monotonic() + 60, time.monotonic() - 1
+    down = ControlPlaneUnavailableError("down")
+    assert core.pause_before_waiting_again(down, cut_off, later) > 0
+    with pytest.raises(ControlPlaneUnavailableError):
+        core.pause_before_waiting_again(down, cut_off, past)
+    with pytest.raises(LlamaDeployError, match="Bad Gateway"):  # it never started
+        core.pause_before_waiting_again(TaskNotFoundError("t"), cut_off, later)
+    with pytest.raises(TaskNotFoundError):  # not cut off: not found is the answer
+        core.pause_before_waiting_again(TaskNotFoundError("t"), None, later)
 
 
 def test_workflow_instances_travel_with_their_attributes() -> None:
