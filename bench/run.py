@@ -59,15 +59,18 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-async def latency(run: Callable[[], Awaitable[Any]], n: int) -> dict[str, float]:
-    for _ in range(max(3, n // 10)):
-        await run()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await run()
-        samples.append((time.perf_counter() - start) * 1000)
-    return percentiles(samples)
+async def latencies(runs: dict[str, Callable[[], Awaitable[Any]]], n: int) -> dict[str, Any]:
+    """p50 and p99 of `n` sequential calls of each system's run. The systems take turns, one
+    call each, so that a burst of load from elsewhere on the machine falls on all of them and
+    their ratios stay fair."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(max(3, n // 10) + n):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            await run()
+            if i >= max(3, n // 10):
+                samples[name].append((time.perf_counter() - start) * 1000)
+    return {name: percentiles(figures) for name, figures in samples.items()}
 
 
 async def throughput(
@@ -179,15 +182,11 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
             AsyncLlamaDeployClient(config, timeout=300) as client,
         ):
             for name, cls in workloads.items():
-                row: dict[str, dict[str, float]] = {}
                 n = max(10, sizes.sequential // 3) if name == "wait100ms" else sizes.sequential
                 local = cls()
 
                 async def inproc_session(local=local) -> Callable[[], Awaitable[Any]]:
                     return lambda: local.run(**kwargs)
-
-                row["in_process"] = await latency(lambda local=local: local.run(**kwargs), n)
-                row["in_process"] |= await throughput(inproc_session, sizes.levels, sizes.rounds)
 
                 url, handle = f"{config.url}/bare/{name}", serve.get_app_handle(f"bare_{name}")
 
@@ -197,28 +196,14 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                 async def handle_session(handle=handle) -> Callable[[], Awaitable[Any]]:
                     return lambda: handle.run.remote(kwargs)
 
-                row["serve_http"] = await latency(lambda url=url: http.post(url, json=kwargs), n)
-                row["serve_http"] |= await throughput(http_session, sizes.levels, sizes.rounds)
-                row["serve_handle"] = await latency(lambda h=handle: h.run.remote(kwargs), n)
-                row["serve_handle"] |= await throughput(handle_session, sizes.levels, sizes.rounds)
-
-                def sync_run(name=name) -> Callable[[], Any]:
-                    session = LlamaDeployClient(config, timeout=300).create_session()
-                    return lambda: session.run(name, **kwargs)
-
-                run_sync = await asyncio.to_thread(sync_run)
-                row["ours_sync_client"] = await latency(
-                    lambda run_sync=run_sync: asyncio.to_thread(run_sync), n
-                )
+                async def sync_session(name=name) -> Callable[[], Awaitable[Any]]:
+                    client = LlamaDeployClient(config, timeout=300)
+                    session = await asyncio.to_thread(client.create_session)
+                    return lambda: asyncio.to_thread(session.run, name, **kwargs)
 
                 async def client_session(name=name) -> Callable[[], Awaitable[Any]]:
                     session = await client.create_session()
                     return lambda: session.run(name, **kwargs)
-
-                row["ours_async_client"] = await latency(await client_session(), n)
-                row["ours_async_client"] |= await throughput(
-                    client_session, sizes.levels, sizes.rounds
-                )
 
                 async def api_session(name=name) -> Callable[[], Awaitable[Any]]:
                     session = await control_plane.create_session.remote()
@@ -231,8 +216,18 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
 
                     return run
 
-                row["ours_python_api"] = await latency(await api_session(), n)
-                row["ours_python_api"] |= await throughput(api_session, sizes.levels, sizes.rounds)
+                sessions = {
+                    "in_process": inproc_session,
+                    "serve_http": http_session,
+                    "serve_handle": handle_session,
+                    "ours_sync_client": sync_session,
+                    "ours_async_client": client_session,
+                    "ours_python_api": api_session,
+                }
+                row = await latencies({s: await make() for s, make in sessions.items()}, n)
+                for system, make in sessions.items():
+                    if system != "ours_sync_client":  # its throughput is the async client's
+                        row[system] |= await throughput(make, sizes.levels, sizes.rounds)
                 results[name] = row
 
             if "stream3" in workloads:
@@ -257,7 +252,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                 samples.append((time.perf_counter() - start) * 1000)
                 break
         return {
-            "in_process": (await latency(inproc, n))["p50_ms"],
+            "in_process": (await latencies({"in_process": inproc}, n))["in_process"]["p50_ms"],
             "ours": percentiles(samples)["p50_ms"],
         }
 

@@ -23,6 +23,9 @@ ORCHESTRATOR_ACTOR_NAME = "llama_deploy_orchestrator"
 # heard from for DRIVER_SILENCE_S is presumed dead and its unfinished tasks are driven again.
 DRIVER_WATCH_S = 5.0
 DRIVER_SILENCE_S = 15.0
+# How often a replica tries to record a task's outcome while the control plane is unreachable
+# (1 s, 2 s, ... apart).
+RECORD_ATTEMPTS = 5
 # Ray Serve's HAProxy ingress and throughput-optimized mode, read when Ray and Serve start, for
 # the local Ray deploy_core starts. A stopping replica stays open 30 s by default so that cloud
 # load balancers can deregister it; the local HAProxy needs far less (and it retries refused

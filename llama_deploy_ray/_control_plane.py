@@ -218,7 +218,7 @@ class ControlPlane:
         record.update(status=TaskStatus.RUNNING, attempts=record.result.attempts + 1)
         session = self._sessions.get(record.definition.session_id or "")
         state = session.state.get(record.result.service_name or "") if session else None
-        return StartedTask(task=record.definition, state=state)
+        return StartedTask(task=record.definition, running=record.result, state=state)
 
     async def begin_task(self, task: TaskDefinition, owner: str) -> StartedTask | None:
         """`create_task` then `start_task`, in one call."""
@@ -308,14 +308,7 @@ class ControlPlane:
         session = self._sessions.get(record.definition.session_id or "")
         if session is not None and outcome.state is not None:
             session.state[record.result.service_name or ""] = outcome.state
-        failed = outcome.error is not None
-        self._close(
-            record,
-            status=TaskStatus.FAILED if failed else TaskStatus.COMPLETED,
-            result=outcome.result,
-            error=outcome.error,
-            error_type=outcome.error_type,
-        )
+        self._close(record, **outcome.final_fields())
         return record.result
 
     async def get_task_result(
@@ -422,14 +415,15 @@ class ControlPlane:
                 del self._sessions[session_id]
 
     def _resume(self, record: _Task) -> StartedTask:
+        record.update(status=TaskStatus.RUNNING)
         started = StartedTask(
             task=record.definition,
+            running=record.result,
             state=record.snapshot,
             resume=True,
             inbox_seq=record.inbox_seq,
         )
         record.snapshot = None
-        record.update(status=TaskStatus.RUNNING)
         return started
 
     def _task_in_session(self, session_id: str, task_id: str) -> _Task:

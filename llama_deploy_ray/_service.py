@@ -102,6 +102,10 @@ class WorkflowService:
             return _error_response(exc)
         return Response(result.model_dump_json(), media_type="application/json")
 
+    async def __del__(self) -> None:
+        # Serve stops a replica gracefully: what it ran is recorded before it goes
+        await self._driver.drain()
+
     async def process_message(self, message: QueueMessage) -> TaskOutcome:
         """Run (or resume) the task in `message` from the state it carries."""
         return await self._run(message.data["started"])

@@ -151,12 +151,23 @@ class TaskOutcome(BaseModel):
     # the last events the workflow streamed, recorded with the outcome
     events: list[dict[str, Any]] = Field(default_factory=list)
 
+    def final_fields(self) -> dict[str, Any]:
+        """What this outcome, once final, sets on the task's `TaskResult`."""
+        failed = self.error is not None
+        return {
+            "status": TaskStatus.FAILED if failed else TaskStatus.COMPLETED,
+            "result": self.result,
+            "error": self.error,
+            "error_type": self.error_type,
+        }
+
 
 class StartedTask(BaseModel):
     """A task whose turn has come, with the state its session left on its service; or a task
     that waited for input, to `resume` from its snapshot after inbox event `inbox_seq`."""
 
     task: TaskDefinition
+    running: TaskResult = Field(description="The task's result as it started running.")
     state: dict[str, Any] | None = None
     resume: bool = False
     inbox_seq: int = 0

@@ -23,6 +23,7 @@ from llama_deploy_ray import (
     TaskDefinition,
     TaskFailedError,
     TaskNotFoundError,
+    TaskResult,
     TaskStatus,
     TaskTimeoutError,
     deploy_workflow,
@@ -183,6 +184,20 @@ def test_task_lifecycle(client: LlamaDeployClient) -> None:
     assert [t.task_id for t in session.get_tasks()] == [first, second]
     assert session.get_current_task().task_id == second
     assert session.get_task_result(first).status is TaskStatus.COMPLETED
+
+
+def test_a_run_answers_with_what_the_control_plane_records(client, deployed) -> None:
+    # the replica answers as it sends the outcome: the answer and the record must agree
+    session = client.create_session()
+    for service_name, status in (("echo", TaskStatus.COMPLETED), ("failing", TaskStatus.FAILED)):
+        run_url = f"{deployed.url}{workflow_route(service_name)}/sessions/{session.session_id}/run"
+        body = TaskDefinition(input='{"arg1": "x"}').model_dump_json()
+        answered = TaskResult.model_validate_json(httpx.post(run_url, content=body).content)
+        recorded = session.get_task_result(answered.task_id, wait_s=10)
+        assert answered.status is status
+        assert answered.model_dump(exclude={"finished_at"}) == recorded.model_dump(
+            exclude={"finished_at"}
+        )
 
 
 def test_results_keep_their_type(client: LlamaDeployClient) -> None:
