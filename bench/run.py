@@ -176,7 +176,8 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
     async def run_all() -> None:
         control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME)
         orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME)
-        limits = httpx.Limits(max_connections=None)
+        # the same pool as our clients keep, so that neither reconnects under load
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         async with (
             httpx.AsyncClient(limits=limits, timeout=300) as http,
             AsyncLlamaDeployClient(config, timeout=300) as client,
