@@ -74,22 +74,30 @@ async def latencies(runs: dict[str, Callable[[], Awaitable[Any]]], n: int) -> di
 
 
 async def throughput(
-    make_session: Callable[[], Awaitable[Callable[[], Awaitable[Any]]]],
+    makers: dict[str, Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]],
     levels: list[int],
     rounds: int,
-) -> dict[str, float]:
-    figures = {}
+) -> dict[str, dict[str, float]]:
+    """Tasks/s of each system with `level` sessions running `rounds` runs each at once. At each
+    level the systems take turns, twice, and each keeps its better figure: load from elsewhere
+    on the machine only ever lowers a figure."""
+    figures: dict[str, dict[str, float]] = {name: {} for name in makers}
+
+    async def loop(run: Callable[[], Awaitable[Any]]) -> None:
+        for _ in range(rounds):
+            await run()
+
     for level in levels:
-        sessions = [await make_session() for _ in range(level)]
-        await asyncio.gather(*(s() for s in sessions[:8]))  # warm up
-
-        async def loop(run: Callable[[], Awaitable[Any]]) -> None:
-            for _ in range(rounds):
-                await run()
-
-        start = time.perf_counter()
-        await asyncio.gather(*(loop(s) for s in sessions))
-        figures[f"tasks_per_s@{level}"] = level * rounds / (time.perf_counter() - start)
+        sessions = {name: [await make() for _ in range(level)] for name, make in makers.items()}
+        for runs in sessions.values():
+            await asyncio.gather(*(run() for run in runs))  # warm up: connections, replicas
+        for _ in range(2):
+            for name, runs in sessions.items():
+                start = time.perf_counter()
+                await asyncio.gather(*(loop(run) for run in runs))
+                rate = level * rounds / (time.perf_counter() - start)
+                key = f"tasks_per_s@{level}"
+                figures[name][key] = max(rate, figures[name].get(key, 0.0))
     return figures
 
 
@@ -136,6 +144,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
         deploy_core,
         deploy_workflow,
     )
+    from llama_deploy_ray._client import PooledTransport
     from llama_deploy_ray._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -176,10 +185,10 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
     async def run_all() -> None:
         control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME)
         orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME)
-        # the same pool as our clients keep, so that neither reconnects under load
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # the same connection pools as our client, so that the load generator is no more the
+        # limit for one than for the other
         async with (
-            httpx.AsyncClient(limits=limits, timeout=300) as http,
+            httpx.AsyncClient(transport=PooledTransport(), timeout=300) as http,
             AsyncLlamaDeployClient(config, timeout=300) as client,
         ):
             for name, cls in workloads.items():
@@ -226,9 +235,12 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                     "ours_python_api": api_session,
                 }
                 row = await latencies({s: await make() for s, make in sessions.items()}, n)
-                for system, make in sessions.items():
-                    if system != "ours_sync_client":  # its throughput is the async client's
-                        row[system] |= await throughput(make, sizes.levels, sizes.rounds)
+                # the sync client's throughput is the async client's
+                makers = {s: make for s, make in sessions.items() if s != "ours_sync_client"}
+                for system, figures in (
+                    await throughput(makers, sizes.levels, sizes.rounds)
+                ).items():
+                    row[system] |= figures
                 results[name] = row
 
             if "stream3" in workloads:
