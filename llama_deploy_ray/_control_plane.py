@@ -311,6 +311,17 @@ class ControlPlane:
         self._close(record, **outcome.final_fields())
         return record.result
 
+    async def finish_tasks(self, outcomes: dict[str, TaskOutcome]) -> list[str]:
+        """`finish_task` for each task, in one call; returns what could not be recorded (a
+        task this control plane does not know: it restarted since)."""
+        problems = []
+        for task_id, outcome in outcomes.items():
+            try:
+                await self.finish_task(task_id, outcome)
+            except TaskNotFoundError as exc:
+                problems.append(f"task {task_id}: {exc}")
+        return problems
+
     async def get_task_result(
         self, session_id: str, task_id: str, wait_s: float = 0.0
     ) -> TaskResult:

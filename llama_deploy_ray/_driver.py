@@ -207,10 +207,11 @@ class LocalDriver(TaskDriver):
     adopts the task once this driver is silent.
 
     A task's result goes back to its caller once its outcome is sent to the control plane, not
-    after the control plane acknowledged it (one round trip fewer per run). Nothing is lost or
-    reordered: the session's next task on the service waits in its line until the outcome is
-    recorded, and with it the new state; a read of the task reaches the control plane later
-    than the outcome it sent first, by a longer way (the API)."""
+    after the control plane acknowledged it (one round trip fewer per run), and outcomes that
+    are ready while an earlier one is on its way go in one call. Nothing is lost or reordered:
+    the session's next task on the service waits in its line until the outcome is recorded,
+    and with it the new state; outcomes not yet acknowledged are sent again if the control
+    plane restarts, and before this replica stops."""
 
     def __init__(
         self,
@@ -219,6 +220,8 @@ class LocalDriver(TaskDriver):
     ) -> None:
         super().__init__(control_plane, adopts_orphans=False)
         self._run_here = run_here
+        self._outbox: dict[str, TaskOutcome] = {}
+        self._sender: asyncio.Task[None] | None = None
 
     async def _deliver(self, started: StartedTask) -> TaskOutcome:
         task_id = started.task.task_id
@@ -236,25 +239,39 @@ class LocalDriver(TaskDriver):
     async def _finish(self, started: StartedTask, outcome: TaskOutcome) -> TaskResult:
         if outcome is _CANCELLED:  # the control plane's record says how it ended
             return await super()._finish(started, outcome)
-        task_id = started.task.task_id
-        # sent now, before the answer leaves this replica; its acknowledgement is awaited aside
-        sent = self._control_plane.finish_task.remote(task_id, outcome)
-        self.in_background(self._record(task_id, outcome, sent))
+        self._outbox[started.task.task_id] = outcome
+        if self._sender is None or self._sender.done():
+            # sent now, before the answer leaves this replica; acknowledged aside
+            self._sender = self.in_background(self._send_outcomes(*self._send()))
         return started.running.model_copy(
             update={**outcome.final_fields(), "finished_at": time.time()}
         )
 
-    async def _record(self, task_id: str, outcome: TaskOutcome, sent: ray.ObjectRef) -> None:
+    def _send(self) -> tuple[dict[str, TaskOutcome], ray.ObjectRef]:
+        batch, self._outbox = self._outbox, {}
+        return batch, self._control_plane.finish_tasks.remote(batch)
+
+    async def _send_outcomes(self, batch: dict[str, TaskOutcome], sent: ray.ObjectRef) -> None:
+        # One call in flight at a time; the outcomes of tasks that finish meanwhile go together
+        # in the next: under load, one control-plane call records many tasks.
+        while True:
+            await self._record(batch, sent)
+            if not self._outbox:
+                return
+            batch, sent = self._send()
+
+    async def _record(self, batch: dict[str, TaskOutcome], sent: ray.ObjectRef) -> None:
         for attempt in range(1, RECORD_ATTEMPTS + 1):
             if attempt > 1:  # the control plane was unreachable: it restarts, send again
                 await asyncio.sleep(attempt - 1)
-                sent = self._control_plane.finish_task.remote(task_id, outcome)
+                sent = self._control_plane.finish_tasks.remote(batch)
             try:
-                await sent
+                for problem in await sent:  # tasks a restarted control plane forgot
+                    logger.error("the control plane did not record an outcome: %s", problem)
                 return
             except (RayActorError, ActorUnavailableError) as exc:
                 error: Exception = exc
-            except Exception as exc:  # refused: a restarted control plane forgot the task
+            except Exception as exc:  # refused: sending again would not help
                 error = exc
                 break
-        logger.error("task %s: the control plane did not record its outcome: %s", task_id, error)
+        logger.error("the control plane did not record %d outcomes: %s", len(batch), error)

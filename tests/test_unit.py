@@ -275,6 +275,32 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
     assert (await control_plane.sizes())["sessions"] == 1
 
 
+async def test_outcomes_recorded_together_move_each_line_on_and_name_unknown_tasks() -> None:
+    from llama_deploy_ray._control_plane import ControlPlane
+    from llama_deploy_ray._types import ServiceDefinition, TaskOutcome, TaskStatus
+
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    sessions = [await control_plane.create_session() for _ in range(2)]
+    tasks = [TaskDefinition(input="{}", agent_id="svc", session_id=s.session_id) for s in sessions]
+    for task in tasks:
+        await control_plane.begin_task(task, "driver")
+    later = TaskDefinition(input="{}", agent_id="svc", session_id=sessions[0].session_id)
+    waiting = asyncio.create_task(control_plane.begin_task(later, "driver"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # in its session's line behind tasks[0]
+
+    outcomes = {t.task_id: TaskOutcome(result=i, state={"n": i}) for i, t in enumerate(tasks)}
+    problems = await control_plane.finish_tasks({**outcomes, "gone": TaskOutcome(result=0)})
+
+    assert len(problems) == 1 and "gone" in problems[0]
+    for i, task in enumerate(tasks):
+        result = await control_plane.get_task_result(task.session_id, task.task_id)
+        assert (result.status, result.result) == (TaskStatus.COMPLETED, i)
+    started = await asyncio.wait_for(waiting, 5)
+    assert started is not None and started.state == {"n": 0}
+
+
 async def test_a_driver_hears_of_its_cancelled_tasks_and_a_silent_drivers_tasks_are_adopted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
