@@ -10,7 +10,7 @@
 with Ray Serve's default settings and with its HAProxy ingress + throughput-optimized mode,
 each in a fresh local Ray. Usage (stop any other local Ray first, `ray stop`):
 
-    python bench/run.py            # everything, ~15 minutes on 2 cores
+    python bench/run.py            # everything, ~20 minutes on 2 cores
     python bench/run.py --quick    # a smoke run: small sizes, no seed system
 
 Writes bench/results/latest.json and latest.png and prints the table. It reports figures; it
