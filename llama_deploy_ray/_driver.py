@@ -241,7 +241,8 @@ class LocalDriver(TaskDriver):
             return await super()._finish(started, outcome)
         self._outbox[started.task.task_id] = outcome
         if self._sender is None or self._sender.done():
-            # sent now, before the answer leaves this replica; acknowledged aside
+            # sent now, before the answer leaves this replica (else with the outcomes that
+            # follow it, once the call on its way is acknowledged)
             self._sender = self.in_background(self._send_outcomes(*self._send()))
         return started.running.model_copy(
             update={**outcome.final_fields(), "finished_at": time.time()}
