@@ -90,6 +90,7 @@ async def throughput(
             await run()
 
     for level in levels:
+        key = f"tasks_per_s@{level}"
         sessions = {name: [await make() for _ in range(level)] for name, make in makers.items()}
         for runs in sessions.values():
             await asyncio.gather(*(run() for run in runs))  # warm up: connections, replicas
@@ -98,7 +99,6 @@ async def throughput(
                 start = time.perf_counter()
                 await asyncio.gather(*(loop(run) for run in runs))
                 rate = level * rounds / (time.perf_counter() - start)
-                key = f"tasks_per_s@{level}"
                 figures[name][key] = max(rate, figures[name].get(key, 0.0))
     return figures
 

@@ -30,7 +30,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
     needed and keeps up to 32 idle."""
 
     def __init__(self, pools: int = 8) -> None:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256 // pools)
+        idle = (_LIMITS.max_keepalive_connections or 0) // pools
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=idle)
         self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(pools)]
         self._next = itertools.cycle(self._pools)
 
