@@ -3,33 +3,46 @@ plane and orchestrator actors, with the routes of llama_deploy's control plane s
 clients send a `run` to its service's replicas directly, at `workflow_route(name)`.)
 
 Errors are JSON, `{"error": class name, "message": ..., "detail": {...}}`, with the status of
-their class (see `_errors`). Workflow state is readable here but not writable: it may hold
-pickled objects, and unpickling what a request sent would run its code.
+their class (see `_errors`). Every route but `GET /health` first passes the `RequestGuard`
+(API key, cross-site requests, body size; see `_guard`). Workflow state is readable here but
+not writable: what replicas restore is only what they saved themselves.
 """
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import ray
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
 
-from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from ._config import (
+    CONTROL_PLANE_ACTOR_NAME,
+    ID_PATTERN,
+    MAX_WAIT_S,
+    ORCHESTRATOR_ACTOR_NAME,
+    PAGE_SIZE,
+)
 from ._errors import (
-    InvalidRequestError,
     LlamaDeployError,
     error_to_answer,
     error_to_json,
 )
 from ._events import SEQ_KEY, TYPE_KEY, EventBatch
-from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
+from ._guard import HEALTH_PATH, GuardMiddleware, RequestGuard
+from ._types import (
+    Id,
+    ServiceDefinition,
+    SessionDefinition,
+    TaskDefinition,
+    TaskResult,
+    check_json_depth,
+)
 
 API_APP_NAME = "llama_deploy_control_plane"
-MAX_WAIT_S = 300.0
 # A stream with nothing new sends a keep-alive this often, so idle streams outlive timeouts.
 KEEPALIVE_S = 15.0
 
@@ -37,14 +50,26 @@ KEEPALIVE_S = 15.0
 class SendEventRequest(BaseModel):
     """An event for a running task: `event` holds its fields and `__type__`, its class name."""
 
-    service_name: str
+    service_name: Id
     event: dict[str, Any]
 
+    @field_validator("event")
+    @classmethod
+    def _names_its_class(cls, event: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(event.get(TYPE_KEY), str):
+            raise ValueError(f"the event has no {TYPE_KEY!r} naming its class")
+        check_json_depth(event, "the event")
+        return event
+
+
+# What a path segment naming a session, task or service may hold.
+PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 app = FastAPI(
     title="llama-deploy-ray control plane",
     description="Services, sessions and tasks of llama-index workflows deployed on Ray Serve.",
 )
+app.add_middleware(GuardMiddleware)
 
 
 @app.exception_handler(LlamaDeployError)
@@ -60,6 +85,12 @@ class ControlPlaneAPI:
     def __init__(self, namespace: str) -> None:
         self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
         self._orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME, namespace=namespace)
+        app.state.guard = RequestGuard(namespace)
+
+    @app.get(HEALTH_PATH)
+    async def health(self) -> dict[str, str]:
+        """Open to load balancers: needs no API key."""
+        return {"status": "healthy"}
 
     @app.get("/")
     async def home(self) -> dict[str, str]:
@@ -74,11 +105,13 @@ class ControlPlaneAPI:
         return await self._control_plane.register_service.remote(service)
 
     @app.post("/services/deregister")
-    async def deregister_service(self, service_name: str) -> None:
+    async def deregister_service(
+        self, service_name: Annotated[str, Query(pattern=ID_PATTERN)]
+    ) -> None:
         await self._control_plane.deregister_service.remote(service_name)
 
     @app.get("/services/{service_name}")
-    async def get_service(self, service_name: str) -> ServiceDefinition:
+    async def get_service(self, service_name: PathId) -> ServiceDefinition:
         return await self._control_plane.get_service.remote(service_name)
 
     @app.get("/services")
@@ -90,48 +123,59 @@ class ControlPlaneAPI:
         return await self._control_plane.create_session.remote()
 
     @app.put("/sessions/{session_id}")
-    async def get_or_create_session(self, session_id: str) -> SessionDefinition:
+    async def get_or_create_session(self, session_id: PathId) -> SessionDefinition:
         return await self._control_plane.get_or_create_session.remote(session_id)
 
     @app.get("/sessions/{session_id}")
-    async def get_session(self, session_id: str) -> SessionDefinition:
+    async def get_session(self, session_id: PathId) -> SessionDefinition:
         return await self._control_plane.get_session.remote(session_id)
 
     @app.get("/sessions")
-    async def list_sessions(self) -> list[SessionDefinition]:
-        return await self._control_plane.list_sessions.remote()
+    async def list_sessions(
+        self,
+        offset: int = Query(default=0, ge=0),
+        limit: int = Query(default=PAGE_SIZE, ge=1, le=PAGE_SIZE),
+    ) -> list[SessionDefinition]:
+        """Sessions in the order they were created, a page at a time."""
+        return await self._control_plane.list_sessions.remote(offset, limit)
 
     @app.post("/sessions/{session_id}/delete")
-    async def delete_session(self, session_id: str) -> None:
+    async def delete_session(self, session_id: PathId) -> None:
         await self._control_plane.delete_session.remote(session_id)
 
     @app.get("/sessions/{session_id}/state")
-    async def get_session_state(self, session_id: str) -> dict[str, Any]:
+    async def get_session_state(self, session_id: PathId) -> dict[str, Any]:
         return await self._control_plane.get_session_state.remote(session_id)
 
     @app.post("/sessions/{session_id}/tasks")
-    async def create_task(self, session_id: str, task: TaskDefinition) -> TaskResult:
+    async def create_task(self, session_id: PathId, task: TaskDefinition) -> TaskResult:
         """Start a task and answer at once with its pending result."""
         return await self._orchestrator.submit.remote(task.sent_to(session_id))
 
     @app.post("/sessions/{session_id}/run")
-    async def run_task(self, session_id: str, task: TaskDefinition) -> TaskResult:
+    async def run_task(self, session_id: PathId, task: TaskDefinition) -> TaskResult:
         """Run a task and answer when it is final (the response is the long poll)."""
         return await self._orchestrator.run.remote(task.sent_to(session_id))
 
     @app.get("/sessions/{session_id}/tasks")
-    async def list_tasks(self, session_id: str) -> list[TaskResult]:
-        return await self._control_plane.list_tasks.remote(session_id)
+    async def list_tasks(
+        self,
+        session_id: PathId,
+        offset: int = Query(default=0, ge=0),
+        limit: int = Query(default=PAGE_SIZE, ge=1, le=PAGE_SIZE),
+    ) -> list[TaskResult]:
+        """The session's tasks in the order they were created, a page at a time."""
+        return await self._control_plane.list_tasks.remote(session_id, offset, limit)
 
     @app.get("/sessions/{session_id}/current_task")
-    async def get_current_task(self, session_id: str) -> TaskResult | None:
+    async def get_current_task(self, session_id: PathId) -> TaskResult | None:
         return await self._control_plane.get_current_task.remote(session_id)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/events")
     async def stream_events(
         self,
-        session_id: str,
-        task_id: str,
+        session_id: PathId,
+        task_id: PathId,
         after: int = Query(default=0, ge=0, description="Resume after this sequence number."),
         accept: str = Header(default="application/x-ndjson"),
         last_event_id: int | None = Header(default=None),
@@ -169,25 +213,36 @@ class ControlPlaneAPI:
             )
 
     @app.post("/sessions/{session_id}/tasks/{task_id}/events")
-    async def send_event(self, session_id: str, task_id: str, body: SendEventRequest) -> None:
+    async def send_event(self, session_id: PathId, task_id: PathId, body: SendEventRequest) -> None:
         """Send an event into a running task (e.g. a HumanResponseEvent); exactly once."""
-        if TYPE_KEY not in body.event:
-            raise InvalidRequestError(f"the event has no {TYPE_KEY!r} naming its class")
         await self._orchestrator.send_event.remote(
             session_id, task_id, body.service_name, body.event
         )
 
     @app.post("/sessions/{session_id}/tasks/{task_id}/cancel")
-    async def cancel_task(self, session_id: str, task_id: str) -> TaskResult:
+    async def cancel_task(self, session_id: PathId, task_id: PathId) -> TaskResult:
         """Cancel a pending, running or waiting task and its children."""
         return await self._control_plane.cancel_task.remote(session_id, task_id)
+
+    @app.get("/sessions/{session_id}/tasks/{task_id}")
+    async def get_task(
+        self,
+        session_id: PathId,
+        task_id: PathId,
+        wait_s: float = Query(default=0.0, ge=0.0, le=MAX_WAIT_S),
+    ) -> TaskResult:
+        """The task as it is now (`status`); with `wait_s`, first wait up to that long for it
+        to finish."""
+        return await self._control_plane.get_task.remote(session_id, task_id, wait_s)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/result")
     async def get_task_result(
         self,
-        session_id: str,
-        task_id: str,
+        session_id: PathId,
+        task_id: PathId,
         wait_s: float = Query(default=0.0, ge=0.0, le=MAX_WAIT_S),
-    ) -> TaskResult:
-        """The task's result; with `wait_s`, first wait up to that long for it to finish."""
-        return await self._control_plane.get_task_result.remote(session_id, task_id, wait_s)
+    ) -> TaskResult | None:
+        """The task's result once it is final, null until then (as llama_deploy's); with
+        `wait_s`, first wait up to that long for it to finish."""
+        task = await self._control_plane.get_task.remote(session_id, task_id, wait_s)
+        return task if task.status.is_final else None

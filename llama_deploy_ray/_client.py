@@ -5,6 +5,7 @@ sends it; the two clients differ only in how they send."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +17,7 @@ from workflows.events import Event
 from . import _client_core as core
 from ._client_core import DEFAULT_POLL_INTERVAL, Call
 from ._config import ControlPlaneConfig
-from ._errors import LlamaDeployError
+from ._retry import retrying, retrying_sync
 from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
 
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -59,19 +60,29 @@ class LlamaDeployClient:
         config = control_plane_config or ControlPlaneConfig()
         self.timeout = timeout if timeout is not None else config.request_timeout_s
         self.base_url = config.url
-        self._http = httpx.Client(base_url=config.url, limits=_LIMITS)
+        self._http = httpx.Client(
+            base_url=config.url, limits=_LIMITS, headers=config.auth_headers()
+        )
 
-    def _send(self, call: Call[core.T]) -> core.T:
+    def _send(self, call: Call[core.T], deadline: float | None = None) -> core.T:
+        """Send `call`, again under the retry policy while that may help, until `deadline`
+        (by default the client's timeout from now)."""
+        deadline = deadline or core.deadline_after(self.timeout)
+        policy = retrying_sync(
+            functools.partial(core.is_retryable, call), budget_s=deadline - time.monotonic()
+        )
+        return policy(self._send_once, call, deadline)
+
+    def _send_once(self, call: Call[core.T], deadline: float) -> core.T:
+        kwargs = core.request_kwargs(call, deadline, self.timeout)
         try:
-            response = self._http.request(
-                call.method, call.path, **core.request_kwargs(call, self.timeout)
-            )
+            response = self._http.request(call.method, call.path, **kwargs)
         except httpx.TransportError as exc:
-            raise core.transport_error(exc, self.base_url, self.timeout) from exc
+            raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
 
     def _stream(self, call: Call[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
-        kwargs = core.request_kwargs(call, self.timeout)
+        kwargs = core.request_kwargs(call, core.deadline_after(self.timeout), self.timeout)
         try:
             with self._http.stream(call.method, call.path, **kwargs) as response:
                 if not response.is_success:
@@ -82,7 +93,7 @@ class LlamaDeployClient:
                     if item is not None:
                         yield item
         except httpx.TransportError as exc:
-            raise core.transport_error(exc, self.base_url, self.timeout) from exc
+            raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
 
     def close(self) -> None:
         self._http.close()
@@ -97,7 +108,11 @@ class LlamaDeployClient:
         return SessionClient(self, self._send(core.create_session()).session_id)
 
     def list_sessions(self) -> list[SessionDefinition]:
-        return self._send(core.list_sessions())
+        """Every session, fetched a page at a time."""
+        sessions: list[SessionDefinition] = []
+        while page := self._send(core.list_sessions(offset=len(sessions))):
+            sessions += page
+        return sessions
 
     def get_session(
         self, session_id: str, poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -134,32 +149,18 @@ class SessionClient:
 
     def run(self, service_name: str, **run_kwargs: Any) -> Any:
         """Run the service's workflow with `run_kwargs` and return its result; raises
-        `TaskFailedError` (with the workflow's own error) when it fails."""
-        task = core.task_definition(service_name, run_kwargs)
-        try:
-            result = self.client._send(core.run_task(self.session_id, task))
-        except LlamaDeployError as exc:
-            if not core.run_interrupted(exc):
-                raise
-            result = self._final_result(task.task_id, interrupted=exc)
-        if not result.status.is_final:  # parked to wait for input: the replica let it go
-            result = self._final_result(task.task_id)
-        return core.result_value(result)
+        `TaskFailedError` (with the workflow's own error) when it fails, and
+        `RequestTimeoutError` when the client's timeout runs out first (the task goes on).
 
-    def _final_result(
-        self, task_id: str, interrupted: LlamaDeployError | None = None
-    ) -> TaskResult:
-        """Wait for the task's final result: it waits for input, or its run's request was
-        cut (`interrupted`) and the task goes on if it started."""
-        deadline = time.monotonic() + core.RECOVERY_S
-        while True:
-            try:
-                result = self.get_task_result(task_id, wait_s=core.RECOVERY_S)
-            except LlamaDeployError as exc:
-                time.sleep(core.pause_before_waiting_again(exc, interrupted, deadline))
-                continue
-            if result.status.is_final:
-                return result
+        A run whose request was cut is sent again: it carries its task id, so the control
+        plane runs it once and the answer is that one run's."""
+        deadline = core.deadline_after(self.client.timeout)
+        task = core.task_definition(service_name, run_kwargs)
+        result = self.client._send(core.run_task(self.session_id, task), deadline)
+        while not result.status.is_final:  # waits for input, or another replica runs it
+            call = core.wait_for_final(self.session_id, task.task_id, deadline)
+            result = self.client._send(call, deadline)
+        return core.result_value(result)
 
     def run_nowait(self, service_name: str, **run_kwargs: Any) -> str:
         """Start the service's workflow and return the task id at once."""
@@ -169,15 +170,24 @@ class SessionClient:
         return self.client._send(core.create_task(self.session_id, task_def)).task_id
 
     def get_tasks(self) -> list[TaskResult]:
-        return self.client._send(core.get_tasks(self.session_id))
+        """Every task of the session, fetched a page at a time."""
+        tasks: list[TaskResult] = []
+        while page := self.client._send(core.get_tasks(self.session_id, offset=len(tasks))):
+            tasks += page
+        return tasks
 
     def get_current_task(self) -> TaskResult | None:
         return self.client._send(core.get_current_task(self.session_id))
 
-    def get_task_result(self, task_id: str, wait_s: float = 0.0) -> TaskResult:
-        """The task's status and, once final, its result or error; with `wait_s`, wait up to
-        that long for it to finish first (the server holds the request; nothing polls)."""
+    def get_task_result(self, task_id: str, wait_s: float = 0.0) -> TaskResult | None:
+        """The task's result once it is final (its status, result or error), None until then;
+        with `wait_s`, wait up to that long for it first (the server holds the request)."""
         return self.client._send(core.get_task_result(self.session_id, task_id, wait_s))
+
+    def get_task(self, task_id: str, wait_s: float = 0.0) -> TaskResult:
+        """Where the task is now (`status`) and, once final, its result or error; with
+        `wait_s`, wait up to that long for it to finish first."""
+        return self.client._send(core.get_task(self.session_id, task_id, wait_s))
 
     def get_task_result_stream(self, task_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """The events the task's workflow streams, each as it happens, as dicts of the event's
@@ -208,19 +218,29 @@ class AsyncLlamaDeployClient:
         config = control_plane_config or ControlPlaneConfig()
         self.timeout = timeout if timeout is not None else config.request_timeout_s
         self.base_url = config.url
-        self._http = httpx.AsyncClient(base_url=config.url, transport=PooledTransport())
+        self._http = httpx.AsyncClient(
+            base_url=config.url, transport=PooledTransport(), headers=config.auth_headers()
+        )
 
-    async def _send(self, call: Call[core.T]) -> core.T:
+    async def _send(self, call: Call[core.T], deadline: float | None = None) -> core.T:
+        """Send `call`, again under the retry policy while that may help, until `deadline`
+        (by default the client's timeout from now)."""
+        deadline = deadline or core.deadline_after(self.timeout)
+        policy = retrying(
+            functools.partial(core.is_retryable, call), budget_s=deadline - time.monotonic()
+        )
+        return await policy(self._send_once, call, deadline)
+
+    async def _send_once(self, call: Call[core.T], deadline: float) -> core.T:
+        kwargs = core.request_kwargs(call, deadline, self.timeout)
         try:
-            response = await self._http.request(
-                call.method, call.path, **core.request_kwargs(call, self.timeout)
-            )
+            response = await self._http.request(call.method, call.path, **kwargs)
         except httpx.TransportError as exc:
-            raise core.transport_error(exc, self.base_url, self.timeout) from exc
+            raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
 
     async def _stream(self, call: Call[dict[str, Any] | None]) -> AsyncIterator[dict[str, Any]]:
-        kwargs = core.request_kwargs(call, self.timeout)
+        kwargs = core.request_kwargs(call, core.deadline_after(self.timeout), self.timeout)
         try:
             async with self._http.stream(call.method, call.path, **kwargs) as response:
                 if not response.is_success:
@@ -231,7 +251,7 @@ class AsyncLlamaDeployClient:
                     if item is not None:
                         yield item
         except httpx.TransportError as exc:
-            raise core.transport_error(exc, self.base_url, self.timeout) from exc
+            raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -248,7 +268,11 @@ class AsyncLlamaDeployClient:
         return AsyncSessionClient(self, (await self._send(core.create_session())).session_id)
 
     async def list_sessions(self) -> list[SessionDefinition]:
-        return await self._send(core.list_sessions())
+        """Every session, fetched a page at a time."""
+        sessions: list[SessionDefinition] = []
+        while page := await self._send(core.list_sessions(offset=len(sessions))):
+            sessions += page
+        return sessions
 
     async def get_session(
         self, session_id: str, poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -286,32 +310,18 @@ class AsyncSessionClient:
 
     async def run(self, service_name: str, **run_kwargs: Any) -> Any:
         """Run the service's workflow with `run_kwargs` and return its result; raises
-        `TaskFailedError` (with the workflow's own error) when it fails."""
-        task = core.task_definition(service_name, run_kwargs)
-        try:
-            result = await self.client._send(core.run_task(self.session_id, task))
-        except LlamaDeployError as exc:
-            if not core.run_interrupted(exc):
-                raise
-            result = await self._final_result(task.task_id, interrupted=exc)
-        if not result.status.is_final:  # parked to wait for input: the replica let it go
-            result = await self._final_result(task.task_id)
-        return core.result_value(result)
+        `TaskFailedError` (with the workflow's own error) when it fails, and
+        `RequestTimeoutError` when the client's timeout runs out first (the task goes on).
 
-    async def _final_result(
-        self, task_id: str, interrupted: LlamaDeployError | None = None
-    ) -> TaskResult:
-        """Wait for the task's final result: it waits for input, or its run's request was
-        cut (`interrupted`) and the task goes on if it started."""
-        deadline = time.monotonic() + core.RECOVERY_S
-        while True:
-            try:
-                result = await self.get_task_result(task_id, wait_s=core.RECOVERY_S)
-            except LlamaDeployError as exc:
-                await asyncio.sleep(core.pause_before_waiting_again(exc, interrupted, deadline))
-                continue
-            if result.status.is_final:
-                return result
+        A run whose request was cut is sent again: it carries its task id, so the control
+        plane runs it once and the answer is that one run's."""
+        deadline = core.deadline_after(self.client.timeout)
+        task = core.task_definition(service_name, run_kwargs)
+        result = await self.client._send(core.run_task(self.session_id, task), deadline)
+        while not result.status.is_final:  # waits for input, or another replica runs it
+            call = core.wait_for_final(self.session_id, task.task_id, deadline)
+            result = await self.client._send(call, deadline)
+        return core.result_value(result)
 
     async def run_nowait(self, service_name: str, **run_kwargs: Any) -> str:
         """Start the service's workflow and return the task id at once."""
@@ -321,15 +331,24 @@ class AsyncSessionClient:
         return (await self.client._send(core.create_task(self.session_id, task_def))).task_id
 
     async def get_tasks(self) -> list[TaskResult]:
-        return await self.client._send(core.get_tasks(self.session_id))
+        """Every task of the session, fetched a page at a time."""
+        tasks: list[TaskResult] = []
+        while page := await self.client._send(core.get_tasks(self.session_id, offset=len(tasks))):
+            tasks += page
+        return tasks
 
     async def get_current_task(self) -> TaskResult | None:
         return await self.client._send(core.get_current_task(self.session_id))
 
-    async def get_task_result(self, task_id: str, wait_s: float = 0.0) -> TaskResult:
-        """The task's status and, once final, its result or error; with `wait_s`, wait up to
-        that long for it to finish first (the server holds the request; nothing polls)."""
+    async def get_task_result(self, task_id: str, wait_s: float = 0.0) -> TaskResult | None:
+        """The task's result once it is final (its status, result or error), None until then;
+        with `wait_s`, wait up to that long for it first (the server holds the request)."""
         return await self.client._send(core.get_task_result(self.session_id, task_id, wait_s))
+
+    async def get_task(self, task_id: str, wait_s: float = 0.0) -> TaskResult:
+        """Where the task is now (`status`) and, once final, its result or error; with
+        `wait_s`, wait up to that long for it to finish first."""
+        return await self.client._send(core.get_task(self.session_id, task_id, wait_s))
 
     def get_task_result_stream(self, task_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
         """The events the task's workflow streams, each as it happens, as dicts of the event's

@@ -1,6 +1,8 @@
 """What the sync and async clients share, with no I/O: each API call as a `Call` (method,
-path, body, how to read the answer), and the mapping of HTTP answers and transport failures
-to our errors. The clients only send a `Call` and hand the response back here."""
+path, body, how to read the answer, whether it may be sent twice), the mapping of HTTP answers
+and transport failures to our errors, and which failures are retried. The clients only send a
+`Call`, within its deadline and under the retry policy of `_retry`, and hand the response back
+here."""
 
 from __future__ import annotations
 
@@ -14,15 +16,16 @@ import httpx
 from pydantic import TypeAdapter
 from workflows.events import Event
 
-from ._config import workflow_route
+from ._config import MAX_WAIT_S, PAGE_SIZE, workflow_route
 from ._errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployError,
+    RequestTimeoutError,
     ServiceNotFoundError,
+    ServiceOverloadedError,
     TaskCancelledError,
     TaskFailedError,
-    TaskNotFoundError,
     TaskTimeoutError,
     error_from_json,
 )
@@ -32,9 +35,6 @@ from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskRe
 T = TypeVar("T")
 
 DEFAULT_POLL_INTERVAL = 0.5  # accepted for the seed's signatures; nothing polls here
-# How long a run whose request was cut waits for the control plane to answer again, and for
-# each wait on the task's result: a silent driver's tasks are adopted within about 20 s.
-RECOVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class Call(Generic[T]):
     hold_s: float = 0.0
     # raised when nothing at the path answers (a 404 that is not one of ours)
     not_routed: LlamaDeployError | None = None
+    # sending it twice does no harm (a run or task carries its task id), so it is sent again
+    # when its fate is unknown (a cut connection, a proxy's 502); others only when it surely
+    # did not arrive (refused connection, Serve's 503 for a full queue)
+    idempotent: bool = True
 
 
 def _none(_: Any) -> None:
@@ -96,7 +100,7 @@ def deregister_service(service_name: str) -> Call[None]:
 
 
 def create_session() -> Call[SessionDefinition]:
-    return Call("POST", "/sessions/create", _session)
+    return Call("POST", "/sessions/create", _session, idempotent=False)
 
 
 def get_session(session_id: str) -> Call[SessionDefinition]:
@@ -107,8 +111,8 @@ def get_or_create_session(session_id: str) -> Call[SessionDefinition]:
     return Call("PUT", f"/sessions/{session_id}", _session)
 
 
-def list_sessions() -> Call[list[SessionDefinition]]:
-    return Call("GET", "/sessions", _sessions)
+def list_sessions(offset: int) -> Call[list[SessionDefinition]]:
+    return Call("GET", "/sessions", _sessions, params={"offset": offset, "limit": PAGE_SIZE})
 
 
 def delete_session(session_id: str) -> Call[None]:
@@ -141,48 +145,46 @@ def run_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
     )
 
 
-def pause_before_waiting_again(
-    exc: LlamaDeployError, interrupted: LlamaDeployError | None, deadline: float
-) -> float:
-    """While waiting for a task's final result: the seconds to pause before asking again after
-    `exc`, or raise. A task that is not found never started (its run's request was cut before
-    it reached the control plane: raise `interrupted`); an unreachable control plane is asked
-    again until `deadline`."""
-    if isinstance(exc, TaskNotFoundError) and interrupted is not None:
-        raise interrupted from None
-    if isinstance(exc, ControlPlaneUnavailableError) and time.monotonic() < deadline:
-        return 1.0
-    raise exc
-
-
-def run_interrupted(exc: LlamaDeployError) -> bool:
-    """Whether a run's request was cut between the client and the replica driving it (the
-    replica died, say), so that the task may still finish: the orchestrator adopts it."""
-    timed_out = isinstance(exc.__cause__, httpx.TimeoutException)
-    unknown_failure = type(exc) is LlamaDeployError  # an answer that is none of ours
-    return unknown_failure or (isinstance(exc, ControlPlaneUnavailableError) and not timed_out)
-
-
 def create_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
     return Call("POST", f"/sessions/{session_id}/tasks", _result, body=task.model_dump())
 
 
-def get_tasks(session_id: str) -> Call[list[TaskResult]]:
-    return Call("GET", f"/sessions/{session_id}/tasks", _results)
+def get_tasks(session_id: str, offset: int) -> Call[list[TaskResult]]:
+    return Call(
+        "GET",
+        f"/sessions/{session_id}/tasks",
+        _results,
+        params={"offset": offset, "limit": PAGE_SIZE},
+    )
 
 
 def get_current_task(session_id: str) -> Call[TaskResult | None]:
     return Call("GET", f"/sessions/{session_id}/current_task", _optional_result)
 
 
-def get_task_result(session_id: str, task_id: str, wait_s: float) -> Call[TaskResult]:
+def get_task(session_id: str, task_id: str, wait_s: float) -> Call[TaskResult]:
+    return Call(
+        "GET",
+        f"/sessions/{session_id}/tasks/{task_id}",
+        _result,
+        params={"wait_s": min(wait_s, MAX_WAIT_S)},
+        hold_s=min(wait_s, MAX_WAIT_S),
+    )
+
+
+def get_task_result(session_id: str, task_id: str, wait_s: float) -> Call[TaskResult | None]:
     return Call(
         "GET",
         f"/sessions/{session_id}/tasks/{task_id}/result",
-        _result,
-        params={"wait_s": wait_s},
-        hold_s=wait_s,
+        _optional_result,
+        params={"wait_s": min(wait_s, MAX_WAIT_S)},
+        hold_s=min(wait_s, MAX_WAIT_S),
     )
+
+
+def wait_for_final(session_id: str, task_id: str, deadline: float) -> Call[TaskResult]:
+    """The next long poll of a run that waits for its task's final result until `deadline`."""
+    return get_task(session_id, task_id, max(0.0, deadline - time.monotonic()))
 
 
 def stream_events(session_id: str, task_id: str, after: int) -> Call[dict[str, Any] | None]:
@@ -207,11 +209,12 @@ def send_event(session_id: str, service_name: str, task_id: str, ev: Event) -> C
         f"/sessions/{session_id}/tasks/{task_id}/events",
         _none,
         body={"service_name": service_name, "event": event_to_dict(ev)},
+        idempotent=False,  # exactly once: an event is sent again only if it surely did not arrive
     )
 
 
 def cancel_task(session_id: str, task_id: str) -> Call[TaskResult]:
-    return Call("POST", f"/sessions/{session_id}/tasks/{task_id}/cancel", _result)
+    return Call("POST", f"/sessions/{session_id}/tasks/{task_id}/cancel", _result, idempotent=False)
 
 
 def result_value(result: TaskResult) -> Any:
@@ -229,8 +232,16 @@ def result_value(result: TaskResult) -> Any:
 # transport
 
 
-def request_kwargs(call: Call[Any], timeout_s: float) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"params": call.params, "timeout": timeout_s + call.hold_s}
+def deadline_after(timeout_s: float) -> float:
+    return time.monotonic() + timeout_s
+
+
+def request_kwargs(call: Call[Any], deadline: float, timeout_s: float) -> dict[str, Any]:
+    """httpx's arguments for `call`, which must be answered by `deadline`."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise timed_out(call, timeout_s)
+    kwargs: dict[str, Any] = {"params": call.params, "timeout": remaining + call.hold_s}
     if call.body is not None:
         kwargs["json"] = call.body
     return kwargs
@@ -243,20 +254,50 @@ def read_response(call: Call[T], response: httpx.Response) -> T:
         body = response.json()
     except ValueError:
         body = {"message": response.text}
-    if response.status_code == 404 and call.not_routed is not None and "error" not in body:
-        raise call.not_routed
-    raise error_from_json(
-        body if isinstance(body, dict) else {"message": body}, response.status_code
+    if not isinstance(body, dict):
+        body = {"message": body}
+    if "error" not in body:  # not our API's answer: Serve's proxy, HAProxy, or no route
+        if response.status_code == 404 and call.not_routed is not None:
+            raise call.not_routed
+        if response.status_code == 503:
+            raise ServiceOverloadedError(
+                f"{call.method} {call.path} was refused by Ray Serve (503): the service's "
+                "queue is full (max_queued_requests) or it has no replica running yet"
+            )
+        if response.status_code in (502, 504):
+            raise ControlPlaneUnavailableError(
+                f"{call.method} {call.path}: the proxy lost the replica that held the request "
+                f"(HTTP {response.status_code}); it restarts, retry shortly"
+            )
+    raise error_from_json(body, response.status_code)
+
+
+def is_retryable(call: Call[Any], exc: BaseException) -> bool:
+    """Whether the clients send `call` again after `exc` (within the call's deadline)."""
+    never_arrived = (httpx.ConnectError, httpx.ConnectTimeout)
+    if isinstance(exc, ServiceOverloadedError) or isinstance(exc.__cause__, never_arrived):
+        return True
+    return (
+        call.idempotent
+        and isinstance(exc, ControlPlaneUnavailableError)
+        and not isinstance(exc.__cause__, httpx.TimeoutException)
     )
 
 
-def transport_error(exc: httpx.TransportError, base_url: str, timeout_s: float) -> LlamaDeployError:
-    if isinstance(exc, httpx.TimeoutException):
-        return ControlPlaneUnavailableError(
-            f"the control plane at {base_url} did not answer within {timeout_s} s "
-            f"({type(exc).__name__}); for long tasks raise the client's timeout, or use "
-            "run_nowait() and get_task_result(task_id, wait_s=...)"
-        )
+def timed_out(call: Call[Any], timeout_s: float) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"{call.method} {call.path} got no answer within the client's timeout ({timeout_s} s). "
+        "What it asked may still happen: a run goes on in the cluster (wait for it with "
+        "get_task(task_id, wait_s=...)); for long tasks raise the client's timeout, or use "
+        "run_nowait()"
+    )
+
+
+def transport_error(
+    exc: httpx.TransportError, call: Call[Any], base_url: str, timeout_s: float
+) -> LlamaDeployError:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return timed_out(call, timeout_s)
     return ControlPlaneUnavailableError(
         f"could not reach the control plane at {base_url} ({type(exc).__name__}: {exc}); "
         "is deploy_core running, and does ControlPlaneConfig(host, port) point at it?"

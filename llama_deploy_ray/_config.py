@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_NAMESPACE = "llama_deploy_ray"
@@ -19,13 +19,23 @@ CONTROL_PLANE_ACTOR_NAME = "llama_deploy_control_plane"
 ORCHESTRATOR_ACTOR_NAME = "llama_deploy_orchestrator"
 
 
-# A driver's watch on the control plane returns at least every DRIVER_WATCH_S; a driver not
-# heard from for DRIVER_SILENCE_S is presumed dead and its unfinished tasks are driven again.
+# A driver's watch on the control plane returns at least every DRIVER_WATCH_S, and its
+# heartbeat thread beats as often; a driver not heard from for DRIVER_SILENCE_S is presumed dead
+# and its unfinished tasks are driven again.
 DRIVER_WATCH_S = 5.0
 DRIVER_SILENCE_S = 15.0
-# How often a replica tries to record a task's outcome while the control plane is unreachable
-# (1 s, 2 s, ... apart).
-RECORD_ATTEMPTS = 5
+# How long a replica keeps sending a task's outcome while the control plane is unreachable (it
+# restarts within seconds).
+RECORD_BUDGET_S = 60.0
+# Calls the control plane runs at once. Many of them wait (a task for its turn, result long
+# polls, stream reads), each holding a slot: thousands queued must leave room for short calls.
+CONTROL_PLANE_MAX_CONCURRENCY = 100_000
+# The longest the API holds one long poll; a client that waits longer asks again.
+MAX_WAIT_S = 300.0
+# How many sessions or tasks one page of a listing holds, at most.
+PAGE_SIZE = 1000
+# How often the control plane forgets what is past its retention, besides when tasks finish.
+RETENTION_SWEEP_S = 30.0
 # Ray Serve's HAProxy ingress and throughput-optimized mode, read when Ray and Serve start, for
 # the local Ray deploy_core starts. A stopping replica stays open 30 s by default so that cloud
 # load balancers can deregister it; the local HAProxy needs far less (and it retries refused
@@ -35,6 +45,12 @@ SERVE_FAST_MODE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
+
+
+# What a session, task or service id may hold: no path separators, no spaces, bounded.
+ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
+# How deeply JSON sent by a client may nest (run kwargs, events).
+MAX_JSON_DEPTH = 64
 
 
 def workflow_route(service_name: str) -> str:
@@ -70,6 +86,32 @@ class ControlPlaneConfig(BaseSettings):
         gt=0,
         description="How long a session with no tasks left and no new task is kept.",
     )
+    max_events_per_task: int = Field(
+        default=10_000,
+        ge=1,
+        description=(
+            "Events kept per task stream (past it the oldest are dropped and readers get an "
+            "EventsDropped marker) and events a task's inbox takes."
+        ),
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "When set, every HTTP route but GET /health requires 'Authorization: Bearer "
+            "<key>'. Several keys separated by commas are all accepted (to rotate one without "
+            "downtime); the clients send the first. Read from CONTROL_PLANE_API_KEY."
+        ),
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Web origins (scheme://host:port) whose browser requests may change things; any "
+            "other site's are refused with 403."
+        ),
+    )
+    max_request_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
+    )
     serve_fast_mode: bool = Field(
         default=True,
         description=(
@@ -85,6 +127,16 @@ class ControlPlaneConfig(BaseSettings):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def api_keys(self) -> list[str]:
+        """The keys the core accepts, the one the clients send first."""
+        raw = self.api_key.get_secret_value() if self.api_key else ""
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    def auth_headers(self) -> dict[str, str]:
+        """What the clients send with every request."""
+        keys = self.api_keys()
+        return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
 
 class SimpleMessageQueueConfig(BaseSettings):
@@ -159,7 +211,7 @@ class WorkflowServiceConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WORKFLOW_SERVICE_", extra="forbid")
 
-    service_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    service_name: str = Field(pattern=ID_PATTERN)
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=1, le=65535)
     description: str = "A service that wraps a llama-index workflow."
@@ -167,6 +219,14 @@ class WorkflowServiceConfig(BaseSettings):
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(
         default=100, ge=1, description="Tasks one replica runs at once."
+    )
+    max_queued_requests: int = Field(
+        default=1000,
+        ge=-1,
+        description=(
+            "Runs waiting for a replica slot, across the service, before new ones are answered "
+            "503 (the clients retry those with backoff); -1 for no bound."
+        ),
     )
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     runtime_env: dict[str, Any] | None = None
@@ -193,6 +253,7 @@ class WorkflowServiceConfig(BaseSettings):
         options: dict[str, Any] = {
             "name": self.service_name,
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": actor_options,
         }
         if self.autoscaling is not None:

@@ -6,21 +6,33 @@ It is also the sequencer that keeps a session's tasks on one service in submissi
 `finish_task` (or `cancel_task`) moves the line on. A task waiting for input keeps its place.
 Each task has an event stream and an inbox (see `_events`). Each task also has an owner, the
 driver (see `_driver`) that drives it: the driver's open `watch_driver` call is its heartbeat
-and how it learns which of its tasks were cancelled. Everything here is in-memory
-dict work with no awaits in the middle of an update, so each method is atomic on the actor's
-event loop.
+and how it learns which of its tasks were cancelled; a driver whose own event loop may be
+blocked by a workflow step (a replica) also beats `heartbeat` from a thread, so a slow step is
+never taken for a dead replica. Everything here is in-memory dict work with no awaits in the
+middle of an update, so each method is atomic on the actor's event loop.
+
+Calls that wait (a task's turn, result long polls, stream and inbox reads, driver watches) hold
+one of the actor's concurrency slots while they wait; the actor is started with enough slots
+(`CONTROL_PLANE_MAX_CONCURRENCY`) that waits never starve the short calls. Ray's concurrency
+groups would give waits their own slots, but each group runs on its own event loop thread,
+and every method here relies on sharing one loop with the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
+import itertools
 import math
+import resource
+import sys
 import time
 from collections import deque
 from typing import Any
 
-from ._config import DRIVER_SILENCE_S
+from ._config import DRIVER_SILENCE_S, RETENTION_SWEEP_S
 from ._errors import (
     InvalidRequestError,
     ServiceConflictError,
@@ -64,7 +76,9 @@ class _Driver:
 
 
 class _Task:
-    def __init__(self, definition: TaskDefinition, service_name: str, owner: str) -> None:
+    def __init__(
+        self, definition: TaskDefinition, service_name: str, owner: str, max_events: int
+    ) -> None:
         self.definition = definition
         self.owner = owner  # the id of the driver driving it
         self.result = TaskResult(
@@ -75,8 +89,8 @@ class _Task:
         )
         self.done = asyncio.Event()
         self.turn = asyncio.Event()
-        self.stream = EventLog()
-        self.inbox = EventLog()
+        self.stream = EventLog(max_events=max_events)
+        self.inbox = EventLog(max_events=max_events, full="refuse")
         self.children: list[str] = []
         self.snapshot: dict[str, Any] | None = None  # while waiting for input
         self.inbox_seq = 0
@@ -87,9 +101,17 @@ class _Task:
 
 
 class ControlPlane:
-    def __init__(self, task_retention_s: float, session_retention_s: float) -> None:
+    def __init__(
+        self,
+        task_retention_s: float,
+        session_retention_s: float,
+        state_secret: bytes,
+        max_events_per_task: int = 10_000,
+    ) -> None:
         self._task_retention_s = task_retention_s
         self._session_retention_s = session_retention_s
+        self._state_secret = state_secret
+        self._max_events = max_events_per_task
         # final tasks, oldest first, dropped `task_retention_s` after they ended
         self._finished: deque[tuple[float, str]] = deque()
         self._next_session_sweep = 0.0
@@ -101,9 +123,18 @@ class ControlPlane:
         # task ids waiting or running, per (session, service), head first
         self._lines: dict[_PairKey, deque[str]] = {}
         self._drivers: dict[str, _Driver] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def ready(self) -> bool:
+        if self._sweeper is None:
+            # retention runs on a timer too, not only when tasks finish: an idle cluster
+            # still forgets what it should
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         return True
+
+    async def state_secret(self) -> bytes:
+        """The key replicas sign pickled workflow state with (see `_state_serializer`)."""
+        return self._state_secret
 
     # services
 
@@ -156,8 +187,12 @@ class ControlPlane:
     async def get_session(self, session_id: str) -> SessionDefinition:
         return self._session_definition(session_id)
 
-    async def list_sessions(self) -> list[SessionDefinition]:
-        return [self._session_definition(sid) for sid in self._sessions]
+    async def list_sessions(
+        self, offset: int = 0, limit: int | None = None
+    ) -> list[SessionDefinition]:
+        """Sessions in the order they were created, `limit` of them from `offset`."""
+        ids = itertools.islice(self._sessions, offset, None if limit is None else offset + limit)
+        return [self._session_definition(sid) for sid in ids]
 
     async def delete_session(self, session_id: str) -> None:
         session = self._session(session_id)
@@ -174,6 +209,8 @@ class ControlPlane:
             "sessions": len(self._sessions),
             "tasks": len(self._tasks),
             "finished_tasks": len(self._finished),
+            "drivers": len(self._drivers),
+            "rss_bytes": _rss_bytes(),
         }
 
     async def get_session_state(self, session_id: str) -> dict[str, dict[str, Any]]:
@@ -183,19 +220,36 @@ class ControlPlane:
 
     async def create_task(self, task: TaskDefinition, owner: str) -> TaskResult:
         """Record a task and put it in its session's line for its service; `owner` is the id
-        of the driver that will drive it."""
+        of the driver that will drive it.
+
+        A task whose id this session already has is not created again: its existing record is
+        returned, so a client that retries after a timeout or a cut connection never runs the
+        work twice."""
         service_name = task.agent_id
         if not service_name:
             raise InvalidRequestError("the task names no service: set agent_id")
         session = self._session(task.session_id or "")
+        existing = self._tasks.get(task.task_id)
+        if existing is not None:
+            if existing.definition != task:
+                raise InvalidRequestError(
+                    f"a different task with id {task.task_id!r} already exists; a task id "
+                    "names one task: leave it out to get a new one"
+                )
+            return existing.result
         if service_name not in self._services:
             raise ServiceNotFoundError(service_name)
-        if task.task_id in self._tasks:
-            raise InvalidRequestError(f"a task with id {task.task_id!r} already exists")
-        record = _Task(task, service_name, owner)
+        parent = None
+        if task.parent_task_id is not None:
+            parent = self._tasks.get(task.parent_task_id)
+            if parent is None or parent.definition.session_id != session.definition.session_id:
+                raise InvalidRequestError(
+                    f"parent task {task.parent_task_id!r} is not a task of session "
+                    f"{session.definition.session_id!r}"
+                )
+        record = _Task(task, service_name, owner, self._max_events)
         self._heard_from(owner)
         record.update(parent_task_id=task.parent_task_id)
-        parent = self._tasks.get(task.parent_task_id or "")
         if parent is not None:
             parent.children.append(task.task_id)
         self._tasks[task.task_id] = record
@@ -209,19 +263,23 @@ class ControlPlane:
 
     async def start_task(self, task_id: str, owner: str) -> StartedTask | None:
         """Wait for the task's turn, mark it running (driven by `owner`) and return the state
-        it starts from; None if it was cancelled meanwhile."""
+        it starts from; None if it was cancelled meanwhile, or if another driver owns it (a
+        task runs once at a time: only its owner, or the driver that adopted it, starts it)."""
         record = self._task(task_id)
         await record.turn.wait()
-        if record.result.status.is_final:
+        if record.result.status.is_final or record.owner != owner:
             return None
-        record.owner = owner
         record.update(status=TaskStatus.RUNNING, attempts=record.result.attempts + 1)
         session = self._sessions.get(record.definition.session_id or "")
         state = session.state.get(record.result.service_name or "") if session else None
         return StartedTask(task=record.definition, running=record.result, state=state)
 
     async def begin_task(self, task: TaskDefinition, owner: str) -> StartedTask | None:
-        """`create_task` then `start_task`, in one call."""
+        """`create_task` then `start_task`, in one call; None for a task that already existed
+        (a client's retry: the first request's driver runs it)."""
+        if task.task_id in self._tasks:
+            await self.create_task(task, owner)  # refuses a different task under that id
+            return None
         await self.create_task(task, owner)
         return await self.start_task(task.task_id, owner)
 
@@ -322,9 +380,7 @@ class ControlPlane:
                 problems.append(f"task {task_id}: {exc}")
         return problems
 
-    async def get_task_result(
-        self, session_id: str, task_id: str, wait_s: float = 0.0
-    ) -> TaskResult:
+    async def get_task(self, session_id: str, task_id: str, wait_s: float = 0.0) -> TaskResult:
         """The task's result; with `wait_s`, first wait up to that long for it to finish."""
         record = self._task_in_session(session_id, task_id)
         if wait_s > 0 and not record.done.is_set():
@@ -333,9 +389,13 @@ class ControlPlane:
                 await asyncio.wait_for(record.done.wait(), timeout=timeout)
         return record.result
 
-    async def list_tasks(self, session_id: str) -> list[TaskResult]:
+    async def list_tasks(
+        self, session_id: str, offset: int = 0, limit: int | None = None
+    ) -> list[TaskResult]:
+        """The session's tasks in the order they were created, `limit` of them from `offset`."""
         session = self._session(session_id)
-        return [self._tasks[t].result for t in session.task_ids if t in self._tasks]
+        results = (self._tasks[t].result for t in session.task_ids if t in self._tasks)
+        return list(itertools.islice(results, offset, None if limit is None else offset + limit))
 
     async def get_current_task(self, session_id: str) -> TaskResult | None:
         session = self._session(session_id)
@@ -345,6 +405,10 @@ class ControlPlane:
         return None
 
     # drivers
+
+    async def heartbeat(self, driver_id: str) -> None:
+        """A driver is alive (sent from a thread of its own, whatever its event loop does)."""
+        self._heard_from(driver_id)
 
     async def watch_driver(
         self, driver_id: str, wait_s: float, adopt_orphans: bool = False
@@ -420,10 +484,18 @@ class ControlPlane:
         if now < self._next_session_sweep:
             return
         self._next_session_sweep = now + min(60.0, self._session_retention_s)
+        before = len(self._sessions)
         for session_id, session in list(self._sessions.items()):
             idle = session.last_active < now - self._session_retention_s
             if idle and all(t not in self._tasks for t in session.task_ids):
                 del self._sessions[session_id]
+        if len(self._sessions) < before:
+            _release_memory()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(RETENTION_SWEEP_S, self._session_retention_s))
+            self._drop_expired()
 
     def _resume(self, record: _Task) -> StartedTask:
         record.update(status=TaskStatus.RUNNING)
@@ -473,3 +545,21 @@ class ControlPlane:
             return self._tasks[task_id]
         except KeyError:
             raise TaskNotFoundError(task_id) from None
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux), or its peak elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _release_memory() -> None:
+    """Give freed memory back to the system: CPython frees objects, but glibc keeps the pages
+    it got for them unless asked, so a burst of sessions would hold the actor's memory high."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

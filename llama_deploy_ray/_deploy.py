@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import logging
 import os
+import secrets
 import socket
 
 import ray
@@ -15,6 +16,7 @@ from workflows import Workflow
 from ._api import API_APP_NAME, ControlPlaneAPI
 from ._config import (
     CONTROL_PLANE_ACTOR_NAME,
+    CONTROL_PLANE_MAX_CONCURRENCY,
     ORCHESTRATOR_ACTOR_NAME,
     SERVE_FAST_MODE_ENV,
     ControlPlaneConfig,
@@ -25,6 +27,7 @@ from ._config import (
 )
 from ._control_plane import ControlPlane
 from ._errors import ControlPlaneUnavailableError, InvalidRequestError
+from ._guard import publish_guard
 from ._orchestrator import SimpleOrchestrator
 from ._packaging import pack_workflow
 from ._service import WorkflowService, accepted_events
@@ -181,6 +184,7 @@ def _check_ports_are_free(config: ControlPlaneConfig) -> None:
 
 
 def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestratorConfig) -> None:
+    publish_guard(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     control_plane = (
         ray.remote(ControlPlane)
@@ -190,9 +194,16 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             lifetime="detached",
             get_if_exists=True,
             max_restarts=-1,
+            max_concurrency=CONTROL_PLANE_MAX_CONCURRENCY,
             num_cpus=0,
         )
-        .remote(config.task_retention_s, config.session_retention_s)
+        .remote(
+            config.task_retention_s,
+            config.session_retention_s,
+            # kept with the actor: a restarted control plane gets the same
+            secrets.token_bytes(32),
+            config.max_events_per_task,
+        )
     )
     ray.get(control_plane.ready.remote())
     orchestrator = (

@@ -8,10 +8,12 @@ the outcome; a task that waits for input is parked on the control plane. There a
 - `LocalDriver` (each workflow replica) runs the task in its own process: a `run` that reaches a
   replica over HTTP costs one Serve hop, not two.
 
-Each driver keeps one call open on the control plane (`watch_driver`). It is the driver's
-heartbeat, and it returns the driver's running tasks that a client cancelled, so the driver can
-stop them; the orchestrator's also returns the tasks of drivers that went silent (a replica that
-died mid-run, an earlier incarnation of the orchestrator), to drive them again.
+Each driver keeps one call open on the control plane (`watch_driver`). It returns the driver's
+running tasks that a client cancelled, so the driver can stop them; the orchestrator's also
+returns the tasks of drivers that went silent (a replica that died mid-run, an earlier
+incarnation of the orchestrator), to drive them again. Each driver also beats a heartbeat from a
+thread of its own: a workflow step that blocks the replica's event loop for a minute delays the
+watch, but the replica is not taken for dead and its task is not run a second time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -27,13 +30,19 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from ._config import DRIVER_WATCH_S, RECORD_ATTEMPTS, SimpleOrchestratorConfig
+from ._config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
 from ._message_queue import RayMessageQueue
+from ._retry import retrying
 from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome, TaskResult
 
 logger = logging.getLogger(__name__)
 
 _CANCELLED = TaskOutcome(error="cancelled by a client", error_type="TaskCancelledError")
+
+
+def _actor_unreachable(exc: BaseException) -> bool:
+    """A call on an actor that died or restarts: the same call may succeed if sent again."""
+    return isinstance(exc, (RayActorError, ActorUnavailableError))
 
 
 class _Cancellable(Protocol):
@@ -55,9 +64,11 @@ class TaskDriver:
         self._watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Open the watch on the control plane (needs a running event loop)."""
+        """Open the watch on the control plane (needs a running event loop) and start the
+        heartbeat."""
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            threading.Thread(target=self._beat, name="driver-heartbeat", daemon=True).start()
 
     async def run(self, task: TaskDefinition) -> TaskResult:
         """Record `task`, drive it and return its result: final, or `waiting` when it was
@@ -98,8 +109,8 @@ class TaskDriver:
         with self._driving(task.task_id):
             started = await self._control_plane.begin_task.remote(task, self.driver_id)
             result = await self._drive(started, task.task_id)
-        if result is None:  # parked waiting for input, or cancelled before it started
-            result = await self._control_plane.get_task_result.remote(task.session_id, task.task_id)
+        if result is None:  # parked for input, cancelled before it started, or a retried run
+            result = await self._control_plane.get_task.remote(task.session_id, task.task_id)
         return result
 
     async def _start_and_drive(self, task_id: str) -> None:
@@ -114,7 +125,17 @@ class TaskDriver:
     async def _drive(self, started: StartedTask | None, task_id: str) -> TaskResult | None:
         """Run the task until it is final (its result) or waits for input (None)."""
         while started is not None:
-            outcome = _CANCELLED if task_id in self._cancelled else await self._deliver(started)
+            if task_id in self._cancelled:
+                outcome = _CANCELLED
+            else:
+                try:
+                    outcome = await self._deliver(started)
+                except Exception as exc:  # whatever went wrong, the task ends and its line moves
+                    logger.exception("task %s could not run", task_id)
+                    outcome = TaskOutcome(
+                        error=f"the task could not run: {type(exc).__name__}: {exc}",
+                        error_type=type(exc).__name__,
+                    )
             if outcome.snapshot is None:
                 return await self._finish(started, outcome)
             started = await self._control_plane.park_task.remote(task_id, outcome)
@@ -134,16 +155,24 @@ class TaskDriver:
             self._in_flight.pop(task_id, None)
             self._cancelled.discard(task_id)
 
+    def _beat(self) -> None:
+        while True:
+            time.sleep(DRIVER_WATCH_S)
+            try:
+                beat = self._control_plane.heartbeat.remote(self.driver_id)
+                ray.get(beat, timeout=DRIVER_WATCH_S)
+            except Exception as exc:  # the control plane restarts: beat again next time
+                logger.warning("driver %s: heartbeat failed: %s", self.driver_id, exc)
+
     async def _watch(self) -> None:
         while True:
-            try:
-                notice = await self._control_plane.watch_driver.remote(
-                    self.driver_id, DRIVER_WATCH_S, self._adopts_orphans
-                )
-            except Exception as exc:  # the control plane restarts: keep watching
-                logger.warning("driver %s: the control plane watch failed: %s", self.driver_id, exc)
-                await asyncio.sleep(1.0)
-                continue
+            # the control plane restarts: watch again
+            notice = await retrying(_actor_unreachable)(
+                self._control_plane.watch_driver.remote,
+                self.driver_id,
+                DRIVER_WATCH_S,
+                self._adopts_orphans,
+            )
             for task_id in notice.cancelled:
                 self._cancel(task_id)
             for task_id in notice.orphaned:
@@ -172,34 +201,47 @@ class PublishingDriver(TaskDriver):
     async def _deliver(self, started: StartedTask) -> TaskOutcome:
         task_id = started.task.task_id
         message = QueueMessage(type=started.task.agent_id or "", data={"started": started})
-        attempt = 0
-        while True:
-            response = self._queue.publish(message)
-            self._in_flight[task_id] = response
-            try:
-                return await response
-            except (RayActorError, ActorUnavailableError) as exc:
-                if attempt >= self._config.max_retries:
-                    return TaskOutcome(
-                        error=(
-                            f"the replica running the task died {attempt + 1} times "
-                            f"(max_retries={self._config.max_retries}): {exc}"
-                        ),
-                        error_type="ReplicaDiedError",
-                    )
-                attempt += 1
-                logger.warning("task %s: replica died, retry %d: %s", task_id, attempt, exc)
+        retries = self._config.max_retries
+        sent = 0
+
+        async def publish() -> TaskOutcome:
+            nonlocal sent
+            if sent:
+                logger.warning("task %s: its replica died, sending it again", task_id)
                 await self._control_plane.record_retry.remote(task_id)
-                await asyncio.sleep(self._config.retry_backoff_s)
                 if task_id in self._cancelled:
                     return _CANCELLED
-            except Exception as exc:
-                return TaskOutcome(
-                    error=f"the task could not be delivered to {message.type!r}: {exc}",
-                    error_type=type(exc).__name__,
-                )
-            finally:
-                self._in_flight[task_id] = None
+            sent += 1
+            return await self._publish(task_id, message)
+
+        policy = retrying(
+            _actor_unreachable, attempts=retries + 1, first_wait_s=self._config.retry_backoff_s
+        )
+        try:
+            return await policy(publish)
+        except (RayActorError, ActorUnavailableError) as exc:
+            return TaskOutcome(
+                error=f"the replica running the task died {sent} times "
+                f"(max_retries={retries}): {exc}",
+                error_type="ReplicaDiedError",
+            )
+        except Exception as exc:
+            return TaskOutcome(
+                error=f"the task could not be delivered to {message.type!r}: {exc}",
+                error_type=type(exc).__name__,
+            )
+
+    async def check_event(self, service_name: str, event: dict[str, Any]) -> None:
+        """Raise `InvalidRequestError` unless a replica of the service can rebuild `event`."""
+        await self._queue.check_event(service_name, event)
+
+    async def _publish(self, task_id: str, message: QueueMessage) -> TaskOutcome:
+        response = self._queue.publish(message)
+        self._in_flight[task_id] = response
+        try:
+            return await response
+        finally:
+            self._in_flight[task_id] = None
 
 
 class LocalDriver(TaskDriver):
@@ -262,17 +304,17 @@ class LocalDriver(TaskDriver):
             batch, sent = self._send()
 
     async def _record(self, batch: dict[str, TaskOutcome], sent: ray.ObjectRef) -> None:
-        for attempt in range(1, RECORD_ATTEMPTS + 1):
-            if attempt > 1:  # the control plane was unreachable: it restarts, send again
-                await asyncio.sleep(attempt - 1)
-                sent = self._control_plane.finish_tasks.remote(batch)
-            try:
-                for problem in await sent:  # tasks a restarted control plane forgot
-                    logger.error("the control plane did not record an outcome: %s", problem)
-                return
-            except (RayActorError, ActorUnavailableError) as exc:
-                error: Exception = exc
-            except Exception as exc:  # refused: sending again would not help
-                error = exc
-                break
-        logger.error("the control plane did not record %d outcomes: %s", len(batch), error)
+        first: ray.ObjectRef | None = sent
+
+        async def record() -> list[str]:
+            nonlocal first
+            call, first = first or self._control_plane.finish_tasks.remote(batch), None
+            return await call  # unreachable (it restarts): the policy sends it again
+
+        try:
+            problems = await retrying(_actor_unreachable, budget_s=RECORD_BUDGET_S)(record)
+        except Exception as exc:  # refused, or unreachable for the whole budget
+            logger.error("the control plane did not record %d outcomes: %s", len(batch), exc)
+            return
+        for problem in problems:  # tasks a restarted control plane forgot
+            logger.error("the control plane did not record an outcome: %s", problem)

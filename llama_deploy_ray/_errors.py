@@ -2,14 +2,19 @@
 over HTTP):
 
     LlamaDeployError
-    ├── NotFoundError                    404
+    ├── NotFoundError                    404 (also a ValueError, as the seed's client raised)
     │   ├── ServiceNotFoundError
     │   ├── SessionNotFoundError
     │   └── TaskNotFoundError
     ├── InvalidRequestError              422
+    ├── UnauthorizedError                401 (no API key, or not one of the core's)
+    ├── ForbiddenError                   403 (a cross-site request)
+    ├── PayloadTooLargeError             413
     ├── ServiceConflictError             409
     ├── TaskStateError                   409 (e.g. an event sent to a finished task)
     ├── ControlPlaneUnavailableError     503
+    │   └── ServiceOverloadedError       503 (Serve refused a run: the service's queue is full)
+    ├── RequestTimeoutError              504 (also a TimeoutError: the client's timeout ran out)
     └── TaskFailedError                  500 (on the task's result, not on the request)
         ├── TaskTimeoutError
         └── TaskCancelledError
@@ -39,7 +44,7 @@ class LlamaDeployError(Exception):
         return {}
 
 
-class NotFoundError(LlamaDeployError):
+class NotFoundError(LlamaDeployError, ValueError):
     status_code = 404
 
 
@@ -93,6 +98,18 @@ class InvalidRequestError(LlamaDeployError):
     status_code = 422
 
 
+class UnauthorizedError(LlamaDeployError):
+    status_code = 401
+
+
+class ForbiddenError(LlamaDeployError):
+    status_code = 403
+
+
+class PayloadTooLargeError(LlamaDeployError):
+    status_code = 413
+
+
 class ServiceConflictError(LlamaDeployError):
     status_code = 409
 
@@ -105,6 +122,18 @@ class TaskStateError(LlamaDeployError):
 
 class ControlPlaneUnavailableError(LlamaDeployError):
     status_code = 503
+
+
+class ServiceOverloadedError(ControlPlaneUnavailableError):
+    """Ray Serve refused the request before it reached a replica (the service's queue is full,
+    or no replica runs yet); the clients send it again with backoff within their timeout."""
+
+
+class RequestTimeoutError(LlamaDeployError, TimeoutError):
+    """The client's timeout ran out before the answer came; what was asked may still happen
+    (a run goes on: read its result with `get_task(task_id, wait_s=...)`)."""
+
+    status_code = 504
 
 
 class TaskFailedError(LlamaDeployError):
@@ -143,9 +172,14 @@ _BY_NAME: dict[str, type[LlamaDeployError]] = {
         SessionNotFoundError,
         TaskNotFoundError,
         InvalidRequestError,
+        UnauthorizedError,
+        ForbiddenError,
+        PayloadTooLargeError,
         ServiceConflictError,
         TaskStateError,
         ControlPlaneUnavailableError,
+        ServiceOverloadedError,
+        RequestTimeoutError,
         TaskFailedError,
         TaskTimeoutError,
         TaskCancelledError,
@@ -161,8 +195,13 @@ def error_to_answer(exc: Exception) -> LlamaDeployError:
     """What an HTTP answer reports for `exc`: ours as raised (an error raised in an actor
     arrives as `RayTaskError(ours)` and carries ours as its `cause`); anything else means the
     control plane's actors could not be reached."""
-    cause = getattr(exc, "cause", exc)
-    if isinstance(cause, LlamaDeployError):
+    cause: BaseException = exc
+    # an error that crossed several actors is wrapped once per hop
+    while type(cause).__name__ not in _BY_NAME and isinstance(
+        getattr(cause, "cause", None), BaseException
+    ):
+        cause = cause.cause  # type: ignore[attr-defined]
+    if isinstance(cause, LlamaDeployError) and type(cause).__name__ in _BY_NAME:
         return cause
     return ControlPlaneUnavailableError(
         f"the control plane actors are not reachable ({type(exc).__name__}); "

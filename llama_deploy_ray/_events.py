@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 from workflows.events import Event
 
@@ -27,6 +29,7 @@ from ._errors import InvalidRequestError
 
 TYPE_KEY = "__type__"
 SEQ_KEY = "__seq__"
+DROPPED_TYPE = "EventsDropped"
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
@@ -47,7 +50,10 @@ def event_from_dict(data: dict[str, Any], accepted: dict[str, type[Event]]) -> E
             f"the workflow accepts no event of type {type_name!r}; it accepts {sorted(accepted)}"
         )
     fields = {k: v for k, v in data.items() if k not in (TYPE_KEY, SEQ_KEY)}
-    return cls(**fields)
+    try:
+        return cls(**fields)
+    except (ValidationError, TypeError) as exc:
+        raise InvalidRequestError(f"the fields do not fit a {type_name}: {exc}") from None
 
 
 class EventBatch(BaseModel):
@@ -58,19 +64,33 @@ class EventBatch(BaseModel):
 
 
 class EventLog:
-    """An append-only log of event dicts that readers can wait on."""
+    """An append-only log of event dicts that readers can wait on; when it holds
+    `max_events`, it drops its oldest (`full="drop"`) or refuses more (`full="refuse"`)."""
 
-    def __init__(self) -> None:
-        self._events: list[dict[str, Any]] = []
+    def __init__(self, max_events: int, full: Literal["drop", "refuse"] = "drop") -> None:
+        self._events: deque[dict[str, Any]] = deque()
+        self._dropped = 0  # sequence numbers 1.._dropped are gone
+        self._max_events = max_events
+        self._full = full
         self._changed = asyncio.Event()
         self.closed = False
 
     def __len__(self) -> int:
-        return len(self._events)
+        """The sequence number of the last event."""
+        return self._dropped + len(self._events)
 
     def extend(self, events: Iterable[dict[str, Any]]) -> None:
+        events = list(events)
+        if self._full == "refuse" and len(self._events) + len(events) > self._max_events:
+            raise InvalidRequestError(
+                f"the task was already sent {len(self._events)} events, the most one task "
+                f"takes ({self._max_events}); cancel it and start another"
+            )
         for event in events:
-            self._events.append({**event, SEQ_KEY: len(self._events) + 1})
+            self._events.append({**event, SEQ_KEY: len(self) + 1})
+        while len(self._events) > self._max_events:
+            self._events.popleft()
+            self._dropped += 1
         self._notify()
 
     def close(self) -> None:
@@ -80,11 +100,15 @@ class EventLog:
     async def read(self, after: int, wait_s: float) -> EventBatch:
         """The events after sequence number `after`; if there are none yet and the log is
         open, wait up to `wait_s` for some."""
-        if after >= len(self._events) and not self.closed and wait_s > 0:
+        if after >= len(self) and not self.closed and wait_s > 0:
             changed = self._changed
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=wait_s)
-        return EventBatch(events=self._events[after:], closed=self.closed)
+        if after >= self._dropped:
+            kept = list(itertools.islice(self._events, after - self._dropped, None))
+            return EventBatch(events=kept, closed=self.closed)
+        marker = {TYPE_KEY: DROPPED_TYPE, "dropped": self._dropped - after, SEQ_KEY: self._dropped}
+        return EventBatch(events=[marker, *self._events], closed=self.closed)
 
     def _notify(self) -> None:
         # wake every waiting reader once; later readers wait on a fresh event

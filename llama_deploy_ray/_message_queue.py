@@ -8,9 +8,13 @@ router gives each message to exactly one replica (competing consumers). The repl
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from ._errors import ServiceNotFoundError
 from ._types import QueueMessage
 
 
@@ -23,9 +27,18 @@ class RayMessageQueue:
         response for the replica's `TaskOutcome`."""
         return self._handle(message.type).process_message.remote(message)
 
+    async def check_event(self, service_name: str, event: dict[str, Any]) -> None:
+        """Ask one replica of the service whether its workflow takes `event`."""
+        await self._handle(service_name).check_event.remote(event)
+
     def _handle(self, service_name: str) -> DeploymentHandle:
         handle = self._handles.get(service_name)
         if handle is None:
-            handle = serve.get_app_handle(service_name)
+            try:
+                handle = serve.get_app_handle(service_name)
+            except RayServeException as exc:  # registered only, or deleted from Serve
+                raise ServiceNotFoundError(
+                    service_name, f"service {service_name!r} has no Serve application: {exc}"
+                ) from None
             self._handles[service_name] = handle
         return handle

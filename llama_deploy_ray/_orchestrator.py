@@ -33,7 +33,7 @@ class SimpleOrchestrator:
         """Run `task` and return its final result (after any wait for input)."""
         result = await self._driver.run(task)
         if not result.status.is_final:  # parked: wait here, where it holds no replica slot
-            result = await self._control_plane.get_task_result.remote(
+            result = await self._control_plane.get_task.remote(
                 task.session_id, task.task_id, float("inf")
             )
         return result
@@ -45,7 +45,10 @@ class SimpleOrchestrator:
     async def send_event(
         self, session_id: str, task_id: str, service_name: str, event: dict[str, Any]
     ) -> None:
-        """Deliver `event` into the task; a task parked waiting for input is resumed."""
+        """Deliver `event` into the task; a task parked waiting for input is resumed. An event
+        the service's workflow could not take (an unknown class, fields that do not fit it) is
+        refused here, by one of its replicas, not dropped later."""
+        await self._driver.check_event(service_name, event)
         started = await self._control_plane.deliver_event.remote(
             session_id, task_id, service_name, event, self._driver.driver_id
         )

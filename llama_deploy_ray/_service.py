@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 import ray
@@ -33,12 +34,11 @@ from ray.exceptions import RayActorError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from workflows import Context, Workflow
-from workflows.context import PickleSerializer
 from workflows.events import Event, HumanResponseEvent, InputRequiredEvent, StopEvent
 from workflows.handler import WorkflowHandler
 
 from . import _nested
-from ._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from ._config import CONTROL_PLANE_ACTOR_NAME, ID_PATTERN, ORCHESTRATOR_ACTOR_NAME
 from ._driver import LocalDriver
 from ._errors import (
     InvalidRequestError,
@@ -48,13 +48,14 @@ from ._errors import (
     error_to_json,
 )
 from ._events import SEQ_KEY, event_from_dict, event_to_dict
+from ._guard import RequestGuard
 from ._packaging import PackedWorkflow, unpack_workflow
+from ._state_serializer import SignedStateSerializer
 from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome
 
 logger = logging.getLogger(__name__)
 
-# JSON where it can, pickle where it must: state may hold any object a step put there.
-_STATE_SERIALIZER = PickleSerializer()
+_ID = re.compile(ID_PATTERN)
 
 
 def accepted_events(workflow: Workflow) -> dict[str, type[Event]]:
@@ -75,36 +76,48 @@ class WorkflowService:
         self._service_name = service_name
         self._accepted = accepted_events(self._workflow)
         self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
+        # JSON where it can, a signed pickle where it must: state may hold any object a step
+        # put there, and may also hold what a client sent
+        self._serializer = SignedStateSerializer(ray.get(self._control_plane.state_secret.remote()))
         self._input_hold_s = input_hold_s
         self._driver = LocalDriver(self._control_plane, self._run)
+        self._guard = RequestGuard(namespace)
         _nested.attach_actors(self._control_plane, ORCHESTRATOR_ACTOR_NAME, namespace)
 
     async def __call__(self, request: Request) -> Response:
         """`POST .../sessions/{session_id}/run` with a `TaskDefinition`: run the task here and
         answer with its `TaskResult`, final or `waiting` (parked for input); errors as the
         control plane's API sends them."""
+        refusal = self._guard.refusal(request.method, request.url.path, request.headers)
+        if refusal is not None:
+            return _error_response(refusal)
         path = request.url.path.rstrip("/").split("/")
         is_run = len(path) >= 3 and path[-3] == "sessions" and path[-1] == "run"
         session_id = path[-2] if is_run else ""
-        if request.method != "POST" or not session_id:
+        if request.method != "POST" or not _ID.match(session_id):
             return _error_response(
                 NotFoundError(
                     f"no route {request.method} {request.url.path}: a service takes "
-                    "POST .../sessions/{session_id}/run"
+                    f"POST .../sessions/{{session_id}}/run, the id matching {ID_PATTERN}"
                 )
             )
         try:
-            task = TaskDefinition.model_validate_json(await request.body())
+            body = await self._guard.read_body(request.stream())
+            task = TaskDefinition.model_validate_json(body)
             result = await self._driver.run(task.sent_to(session_id, self._service_name))
         except ValidationError as exc:
             return _error_response(InvalidRequestError(f"invalid task: {exc}"))
-        except (LlamaDeployError, RayActorError) as exc:  # from the control plane
+        except (LlamaDeployError, RayActorError) as exc:  # ours, or from the control plane
             return _error_response(exc)
         return Response(result.model_dump_json(), media_type="application/json")
 
     async def __del__(self) -> None:
         # Serve stops a replica gracefully: what it ran is recorded before it goes
         await self._driver.drain()
+
+    async def check_event(self, event: dict[str, Any]) -> None:
+        """Raise `InvalidRequestError` unless this workflow can take `event` from a client."""
+        event_from_dict(event, self._accepted)
 
     async def process_message(self, message: QueueMessage) -> TaskOutcome:
         """Run (or resume) the task in `message` from the state it carries."""
@@ -113,15 +126,20 @@ class WorkflowService:
     async def _run(self, started: StartedTask) -> TaskOutcome:
         task, state, resume = started.task, started.state, started.resume
         ctx = None
-        if state:
-            if not resume:
-                # A new task is a new run on the session's state: its timeout starts from
-                # zero, not from the alive time the session's earlier runs spent.
-                state = {**state, "elapsed_alive": 0.0, "last_alive_stamp": None}
-            ctx = Context.from_dict(self._workflow, state, serializer=_STATE_SERIALIZER)
+        if state and not resume:
+            # A new task is a new run on the session's state: its timeout starts from zero,
+            # not from the alive time the session's earlier runs spent.
+            state = {**state, "elapsed_alive": 0.0, "last_alive_stamp": None}
         token = _nested.CURRENT_TASK.set(task)
         try:
+            if state:
+                ctx = Context.from_dict(self._workflow, state, serializer=self._serializer)
             handler = self._workflow.run(ctx=ctx, **({} if resume else task.run_kwargs))
+        except Exception as exc:  # its run kwargs, or the session's state, were refused
+            return TaskOutcome(
+                error=f"the workflow could not start the task: {exc}",
+                error_type=type(exc).__name__,
+            )
         finally:
             _nested.CURRENT_TASK.reset(token)
         run = _TaskRun(self, task.task_id, handler, started.inbox_seq)
@@ -196,7 +214,7 @@ class _TaskRun:
         if not had_state and not (await ctx.store.get_state()).model_dump():
             # nothing to keep: skip serializing a context whose store was never written
             return TaskOutcome(result=result)
-        return TaskOutcome(result=result, state=ctx.to_dict(serializer=_STATE_SERIALIZER))
+        return TaskOutcome(result=result, state=ctx.to_dict(serializer=self._service._serializer))
 
     # the stream
 
@@ -233,7 +251,9 @@ class _TaskRun:
                 self._inbox_seq = data[SEQ_KEY]
                 try:
                     event = event_from_dict(data, service._accepted)
-                except InvalidRequestError as exc:  # unchecked when deployed by import path
+                except (
+                    InvalidRequestError
+                ) as exc:  # checked when sent: a redeploy changed the workflow
                     logger.warning("task %s: dropped an event: %s", self._task_id, exc)
                     continue
                 self._handler.ctx.send_event(event)
@@ -244,5 +264,5 @@ class _TaskRun:
 
     async def _park(self) -> None:
         """Nobody answered in time: keep the run's context and end the run."""
-        self._snapshot = self._handler.ctx.to_dict(serializer=_STATE_SERIALIZER)
+        self._snapshot = self._handler.ctx.to_dict(serializer=self._service._serializer)
         await self._handler.cancel_run()

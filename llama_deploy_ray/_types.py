@@ -11,15 +11,38 @@ import json
 import time
 import uuid
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ._config import ID_PATTERN, MAX_JSON_DEPTH
 from ._errors import InvalidRequestError
 
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def json_depth(value: Any) -> int:
+    """How deeply `value` nests lists and dicts (without recursing, so any depth is safe)."""
+    depth, level = 0, [value]
+    while level:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def check_json_depth(value: Any, what: str) -> None:
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 class TaskStatus(str, Enum):
@@ -45,10 +68,10 @@ class TaskDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="JSON object of keyword arguments for `workflow.run`.")
-    task_id: str = Field(default_factory=_new_id, min_length=1)
-    session_id: str | None = None
-    agent_id: str | None = Field(default=None, description="The service that runs the task.")
-    parent_task_id: str | None = Field(
+    task_id: Id = Field(default_factory=_new_id)
+    session_id: Id | None = None
+    agent_id: Id | None = Field(default=None, description="The service that runs the task.")
+    parent_task_id: Id | None = Field(
         default=None, description="The task whose workflow started this one (nested workflows)."
     )
 
@@ -58,11 +81,14 @@ class TaskDefinition(BaseModel):
         try:
             decoded = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"input is not valid JSON: {exc}") from exc
+            raise ValueError(f"input is not valid JSON: {exc}") from None
+        except RecursionError:  # deeper than the parser goes
+            raise ValueError(f"input nests deeper than {MAX_JSON_DEPTH} levels") from None
         if not isinstance(decoded, dict):
             raise ValueError(
                 f"input must be a JSON object of run kwargs, got {type(decoded).__name__}"
             )
+        check_json_depth(decoded, "input")
         return value
 
     @property
@@ -106,7 +132,7 @@ class TaskResult(BaseModel):
 class SessionDefinition(BaseModel):
     """A session: the tasks run in it and, per service, the workflow state they left."""
 
-    session_id: str = Field(default_factory=_new_id, min_length=1)
+    session_id: Id = Field(default_factory=_new_id)
     task_ids: list[str] = Field(default_factory=list)
     state: dict[str, Any] = Field(
         default_factory=dict, description="Workflow context state, keyed by service name."
@@ -119,7 +145,7 @@ class ServiceDefinition(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    service_name: str = Field(min_length=1)
+    service_name: Id
     description: str = "A service that wraps a llama-index workflow."
     prompt: list[dict[str, Any]] = Field(default_factory=list)
     host: str | None = None

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -27,6 +28,24 @@ from llama_deploy_ray import (
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
+MAX_EVENTS_PER_TASK = 500
+
+T = TypeVar("T")
+
+
+def wait_for(
+    probe: Callable[[], T | None], *, timeout_s: float, what: str, every_s: float = 0.2
+) -> T:
+    """Call `probe` until it returns something truthy and return that; fail the test, saying
+    `what` was awaited, if `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout_s} s for {what}")
+        time.sleep(every_s)
 
 
 def _free_port() -> int:
@@ -38,7 +57,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def core_env() -> dict[str, str]:
     """The environment that points the seed's scripts at this run's control plane."""
-    env = {**os.environ, "CONTROL_PLANE_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "CONTROL_PLANE_PORT": str(_free_port()),
+        # small enough that a test can stream past it
+        "CONTROL_PLANE_MAX_EVENTS_PER_TASK": str(MAX_EVENTS_PER_TASK),
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 

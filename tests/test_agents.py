@@ -163,7 +163,7 @@ def test_a_waiting_task_is_parked_and_outlives_its_timeout(client: LlamaDeployCl
     session = client.create_session()
     task_id = session.run_nowait("human")
     deadline = time.monotonic() + 20
-    while session.get_task_result(task_id).status is not TaskStatus.WAITING:
+    while session.get_task(task_id).status is not TaskStatus.WAITING:
         assert time.monotonic() < deadline, "the task was never parked"
         time.sleep(0.2)
     time.sleep(4)
@@ -266,7 +266,7 @@ def test_cancel_a_running_task_frees_its_slot(client: LlamaDeployClient) -> None
     session = client.create_session()
     task_id = session.run_nowait("one_slot", seconds=60)
     deadline = time.monotonic() + 20
-    while session.get_task_result(task_id).status is not TaskStatus.RUNNING:
+    while session.get_task(task_id).status is not TaskStatus.RUNNING:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert session.cancel_task(task_id).status is TaskStatus.CANCELLED

@@ -176,8 +176,8 @@ def test_task_lifecycle(client: LlamaDeployClient) -> None:
     assert session.get_current_task() is None
     first = session.run_nowait("sleep", seconds=1.0, tag="a")
     second = session.create_task(TaskDefinition(input='{"tag": "b"}', agent_id="sleep"))
-    assert session.get_task_result(first).status in (TaskStatus.PENDING, TaskStatus.RUNNING)
-    assert session.get_task_result(second).status is TaskStatus.PENDING  # waits for the first
+    assert session.get_task(first).status in (TaskStatus.PENDING, TaskStatus.RUNNING)
+    assert session.get_task(second).status is TaskStatus.PENDING  # waits for the first
     final = session.get_task_result(second, wait_s=30)
     assert final.status is TaskStatus.COMPLETED
     assert final.result["log"] == ["a", "b"]

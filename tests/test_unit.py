@@ -10,6 +10,7 @@ import time
 import pytest
 import ray
 from pydantic import ValidationError
+from workflows.events import HumanResponseEvent
 
 import llama_deploy_ray
 from llama_deploy_ray import (
@@ -18,12 +19,16 @@ from llama_deploy_ray import (
     AutoscalingConfig,
     ControlPlaneConfig,
     ControlPlaneUnavailableError,
+    ForbiddenError,
     InvalidRequestError,
     LlamaDeployClient,
     LlamaDeployError,
     NotFoundError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
     ServiceConflictError,
     ServiceNotFoundError,
+    ServiceOverloadedError,
     SessionClient,
     SessionNotFoundError,
     TaskCancelledError,
@@ -32,12 +37,15 @@ from llama_deploy_ray import (
     TaskNotFoundError,
     TaskStateError,
     TaskTimeoutError,
+    UnauthorizedError,
     WorkflowServiceConfig,
 )
 from llama_deploy_ray._errors import error_from_json, error_to_json
 from llama_deploy_ray._packaging import pack_workflow, unpack_workflow
 
 from .workflows import DiesOnceWorkflow, EchoWorkflow
+
+SECRET = b"0123456789abcdef0123456789abcdef"
 
 ERRORS = [
     ServiceNotFoundError("svc"),
@@ -46,10 +54,15 @@ ERRORS = [
     InvalidRequestError("bad input"),
     ServiceConflictError("taken"),
     ControlPlaneUnavailableError("down"),
+    ServiceOverloadedError("full"),
+    RequestTimeoutError("slow"),
     TaskFailedError("tid", "boom", "ValueError"),
     TaskTimeoutError("tid", "timed out", "WorkflowTimeoutError"),
     TaskCancelledError("tid", "cancelled by a client"),
     TaskStateError("already completed"),
+    UnauthorizedError("no key"),
+    ForbiddenError("cross-site"),
+    PayloadTooLargeError("too big"),
 ]
 
 
@@ -106,9 +119,10 @@ def test_errors_pickle_and_survive_http(error: LlamaDeployError) -> None:
     assert rebuilt.message == error.message
 
 
-def test_not_found_errors_share_a_parent() -> None:
+def test_not_found_errors_share_a_parent_and_are_value_errors_as_in_the_seed() -> None:
     for error in ERRORS[:3]:
         assert isinstance(error, NotFoundError) and error.status_code == 404
+        assert isinstance(error, ValueError)  # what llama_deploy's client raised
 
 
 def test_errors_cross_a_ray_actor(control_plane_config) -> None:
@@ -187,33 +201,70 @@ def test_a_task_takes_the_session_and_service_it_was_sent_to() -> None:
         task.sent_to("s1", "other")
 
 
-def test_only_a_cut_run_request_is_waited_out() -> None:
+def test_what_the_clients_send_again() -> None:
     import httpx
 
     from llama_deploy_ray import _client_core as core
 
-    def cut(exc: httpx.TransportError) -> LlamaDeployError:
+    run = core.run_task("s", TaskDefinition(input="{}", agent_id="svc"))
+    event = core.send_event("s", "svc", "t", HumanResponseEvent(response="x"))
+
+    def failed(call: core.Call, exc: httpx.TransportError) -> LlamaDeployError:
         try:
-            raise core.transport_error(exc, "http://x", 1.0) from exc
+            raise core.transport_error(exc, call, "http://x", 1.0) from exc
         except LlamaDeployError as error:
             return error
 
-    assert core.run_interrupted(cut(httpx.RemoteProtocolError("peer closed")))
-    assert core.run_interrupted(LlamaDeployError("HTTP 502: Bad Gateway"))
-    assert not core.run_interrupted(cut(httpx.ReadTimeout("slow")))  # the caller's own bound
-    assert not core.run_interrupted(ServiceNotFoundError("svc"))
-    assert not core.run_interrupted(InvalidRequestError("bad"))
+    def answered(call: core.Call, status: int, body: object) -> LlamaDeployError:
+        response = httpx.Response(status, json=body) if body else httpx.Response(status)
+        with pytest.raises(LlamaDeployError) as info:
+            core.read_response(call, response)
+        return info.value
 
-    cut_off = LlamaDeployError("HTTP 502: Bad Gateway")
-    later, past = time.monotonic() + 60, time.monotonic() - 1
-    down = ControlPlaneUnavailableError("down")
-    assert core.pause_before_waiting_again(down, cut_off, later) > 0
-    with pytest.raises(ControlPlaneUnavailableError):
-        core.pause_before_waiting_again(down, cut_off, past)
-    with pytest.raises(LlamaDeployError, match="Bad Gateway"):  # it never started
-        core.pause_before_waiting_again(TaskNotFoundError("t"), cut_off, later)
-    with pytest.raises(TaskNotFoundError):  # not cut off: not found is the answer
-        core.pause_before_waiting_again(TaskNotFoundError("t"), None, later)
+    for call in (run, event):  # never arrived: safe to send again, whatever it is
+        assert core.is_retryable(call, failed(call, httpx.ConnectError("refused")))
+        overloaded = answered(call, 503, None)
+        assert isinstance(overloaded, ServiceOverloadedError)
+        assert core.is_retryable(call, overloaded)
+    # fate unknown: only a call that carries its own id is sent again
+    cut = httpx.RemoteProtocolError("peer closed")
+    assert core.is_retryable(run, failed(run, cut))
+    assert not core.is_retryable(event, failed(event, cut))
+    assert core.is_retryable(run, answered(run, 502, None))
+    # the caller's own bound, and answers that are final, are never retried
+    timed_out = failed(run, httpx.ReadTimeout("slow"))
+    assert isinstance(timed_out, RequestTimeoutError) and isinstance(timed_out, TimeoutError)
+    assert not core.is_retryable(run, timed_out)
+    not_found = answered(run, 404, error_to_json(ServiceNotFoundError("svc")))
+    assert not core.is_retryable(run, not_found)
+    assert not core.is_retryable(run, answered(run, 422, error_to_json(InvalidRequestError("x"))))
+    with pytest.raises(RequestTimeoutError, match="client's timeout"):
+        core.request_kwargs(run, deadline=time.monotonic() - 1, timeout_s=5)
+
+
+def test_the_retry_policy_backs_off_within_its_budget() -> None:
+    from llama_deploy_ray._retry import retrying_sync
+
+    calls: list[float] = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "up"
+
+    assert retrying_sync(lambda e: isinstance(e, ConnectionError))(flaky) == "up"
+    assert len(calls) == 3
+
+    calls.clear()
+    start = time.monotonic()
+    with pytest.raises(ConnectionError):
+        retrying_sync(lambda e: isinstance(e, ConnectionError), budget_s=0.5)(
+            lambda: flaky() if False else (_ for _ in ()).throw(ConnectionError("down"))
+        )
+    assert time.monotonic() - start < 2.5
+    with pytest.raises(KeyError):  # not retryable: raised at once
+        retrying_sync(lambda e: isinstance(e, ConnectionError))(lambda: {}["x"])
 
 
 def test_workflow_instances_travel_with_their_attributes() -> None:
@@ -248,7 +299,7 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
     from llama_deploy_ray._control_plane import ControlPlane
     from llama_deploy_ray._types import ServiceDefinition, TaskOutcome
 
-    control_plane = ControlPlane(task_retention_s=0.2, session_retention_s=0.4)
+    control_plane = ControlPlane(task_retention_s=0.2, session_retention_s=0.4, state_secret=SECRET)
     await control_plane.register_service(ServiceDefinition(service_name="svc"))
     session = await control_plane.create_session()
 
@@ -264,7 +315,7 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
     recent = await run_one()  # finishing a task drops what is past its retention
     assert [t.task_id for t in await control_plane.list_tasks(session.session_id)] == [recent]
     with pytest.raises(TaskNotFoundError):
-        await control_plane.get_task_result(session.session_id, old[0])
+        await control_plane.get_task(session.session_id, old[0])
     await asyncio.sleep(0.5)
     other = await control_plane.create_session()
     await control_plane.register_service(ServiceDefinition(service_name="svc"))
@@ -279,7 +330,7 @@ async def test_outcomes_recorded_together_move_each_line_on_and_name_unknown_tas
     from llama_deploy_ray._control_plane import ControlPlane
     from llama_deploy_ray._types import ServiceDefinition, TaskOutcome, TaskStatus
 
-    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60)
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
     await control_plane.register_service(ServiceDefinition(service_name="svc"))
     sessions = [await control_plane.create_session() for _ in range(2)]
     tasks = [TaskDefinition(input="{}", agent_id="svc", session_id=s.session_id) for s in sessions]
@@ -295,7 +346,7 @@ async def test_outcomes_recorded_together_move_each_line_on_and_name_unknown_tas
 
     assert len(problems) == 1 and "gone" in problems[0]
     for i, task in enumerate(tasks):
-        result = await control_plane.get_task_result(task.session_id, task.task_id)
+        result = await control_plane.get_task(task.session_id, task.task_id)
         assert (result.status, result.result) == (TaskStatus.COMPLETED, i)
     started = await asyncio.wait_for(waiting, 5)
     assert started is not None and started.state == {"n": 0}
@@ -308,7 +359,9 @@ async def test_a_driver_hears_of_its_cancelled_tasks_and_a_silent_drivers_tasks_
     from llama_deploy_ray._types import ServiceDefinition
 
     monkeypatch.setattr(_control_plane, "DRIVER_SILENCE_S", 0.2)
-    control_plane = _control_plane.ControlPlane(task_retention_s=60, session_retention_s=60)
+    control_plane = _control_plane.ControlPlane(
+        task_retention_s=60, session_retention_s=60, state_secret=SECRET
+    )
     await control_plane.register_service(ServiceDefinition(service_name="svc"))
     session = await control_plane.create_session()
 
@@ -337,3 +390,96 @@ async def test_a_driver_hears_of_its_cancelled_tasks_and_a_silent_drivers_tasks_
     assert notice.orphaned == []
     started = await control_plane.start_task(orphan.task_id, "orchestrator")
     assert started is not None and started.task.task_id == orphan.task_id
+
+
+async def test_a_stream_drops_its_oldest_events_past_its_cap_and_an_inbox_refuses() -> None:
+    from llama_deploy_ray._events import DROPPED_TYPE, SEQ_KEY, TYPE_KEY, EventLog
+
+    stream = EventLog(max_events=3)
+    stream.extend({"n": i} for i in range(5))
+    batch = await stream.read(after=0, wait_s=0)
+    assert batch.events[0] == {TYPE_KEY: DROPPED_TYPE, "dropped": 2, SEQ_KEY: 2}
+    assert [(e["n"], e[SEQ_KEY]) for e in batch.events[1:]] == [(2, 3), (3, 4), (4, 5)]
+    assert [e["n"] for e in (await stream.read(after=3, wait_s=0)).events] == [3, 4]
+    assert (await stream.read(after=1, wait_s=0)).events[0]["dropped"] == 1
+    assert len(stream) == 5
+
+    inbox = EventLog(max_events=2, full="refuse")
+    inbox.extend([{"n": 0}, {"n": 1}])
+    with pytest.raises(InvalidRequestError, match="the most one task takes"):
+        inbox.extend([{"n": 2}])
+    assert len(inbox) == 2
+
+
+async def test_a_task_is_created_once_runs_under_one_owner_and_stays_in_its_session() -> None:
+    from llama_deploy_ray._control_plane import ControlPlane
+    from llama_deploy_ray._types import ServiceDefinition
+
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session, other = await control_plane.create_session(), await control_plane.create_session()
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+    first = await control_plane.create_task(task, "driver")
+    assert await control_plane.create_task(task, "another") == first  # a retry: the same task
+    assert await control_plane.begin_task(task, "another") is None  # not started a second time
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        await control_plane.create_task(task.model_copy(update={"input": '{"a": 1}'}), "driver")
+    assert len(await control_plane.list_tasks(session.session_id)) == 1
+
+    assert await control_plane.start_task(task.task_id, "another") is None  # not its owner
+    started = await control_plane.start_task(task.task_id, "driver")
+    assert started is not None and started.running.status.value == "running"
+
+    foreign_child = TaskDefinition(
+        input="{}", agent_id="svc", session_id=other.session_id, parent_task_id=task.task_id
+    )
+    with pytest.raises(InvalidRequestError, match="is not a task of session"):
+        await control_plane.create_task(foreign_child, "driver")
+
+
+async def test_retention_runs_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_deploy_ray import _control_plane
+
+    monkeypatch.setattr(_control_plane, "RETENTION_SWEEP_S", 0.1)
+    control_plane = _control_plane.ControlPlane(
+        task_retention_s=0.1, session_retention_s=0.2, state_secret=SECRET
+    )
+    await control_plane.ready()
+    for _ in range(10):
+        await control_plane.create_session()
+    assert (await control_plane.sizes())["sessions"] == 10
+    await asyncio.sleep(0.6)  # no task ends: only the timer can forget them
+    assert (await control_plane.sizes())["sessions"] == 0
+
+
+def test_state_is_json_or_a_signed_pickle_and_client_data_is_never_unpickled(
+    tmp_path,
+) -> None:
+    import base64
+    import json
+
+    from llama_deploy_ray._state_serializer import SignedStateSerializer, StateIntegrityError
+
+    serializer = SignedStateSerializer(SECRET)
+    mark = tmp_path / "mark"
+
+    class LeavesAMark:
+        def __reduce__(self):
+            return (open, (str(mark), "w"))
+
+    attack = base64.b64encode(pickle.dumps(LeavesAMark())).decode()
+    for value in ("plain", attack, {"__is_pydantic": True, "qualified_name": "os.system"}, [1]):
+        assert serializer.deserialize(serializer.serialize(value)) == value
+    assert not mark.exists()
+
+    kept = serializer.serialize({1, 2, 3})  # not JSON: pickled by the replica, and signed
+    assert serializer.deserialize(kept) == {1, 2, 3}
+    forged = json.loads(kept)
+    forged["pickle"] = base64.b64encode(pickle.dumps(LeavesAMark())).decode()
+    with pytest.raises(StateIntegrityError, match="bad signature"):
+        serializer.deserialize(json.dumps(forged))
+    with pytest.raises(StateIntegrityError, match="bad signature"):
+        SignedStateSerializer(b"another secret, 32 bytes long!!!").deserialize(kept)
+    with pytest.raises(StateIntegrityError, match="not one of ours"):
+        serializer.deserialize(json.dumps(attack))
+    assert not mark.exists()

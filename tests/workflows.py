@@ -158,3 +158,83 @@ class HelperOuterWorkflow(Workflow):
     @step()
     async def run_step(self, ev: StartEvent, helper: Workflow) -> StopEvent:
         return StopEvent(result=str(await helper.run(arg1=ev.get("arg1"))) + "_result")
+
+
+class Greeting(StartEvent):
+    name: str
+
+
+class TypedStartWorkflow(Workflow):
+    """Its start event has a required field."""
+
+    @step()
+    async def greet(self, ev: Greeting) -> StopEvent:
+        return StopEvent(result=f"hello {ev.name}")
+
+
+def _refuse_to_be_restored() -> None:
+    raise RuntimeError("this object refuses to be restored")
+
+
+class Fragile:
+    """Saves fine, but cannot be loaded again."""
+
+    def __reduce__(self):
+        return (_refuse_to_be_restored, ())
+
+
+class UnrestorableWorkflow(Workflow):
+    """Keeps an object in the session's state that cannot be restored."""
+
+    @step()
+    async def keep(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        await ctx.store.set("fragile", Fragile())
+        return StopEvent(result="kept")
+
+
+class BlockingWorkflow(Workflow):
+    """Blocks its replica's event loop for `seconds` (a synchronous step), and notes each run
+    in the file `log`."""
+
+    @step()
+    async def block(self, ev: StartEvent) -> StopEvent:
+        with open(ev.get("log"), "a") as log:
+            log.write("ran\n")
+        time.sleep(float(ev.get("seconds")))
+        return StopEvent(result="done")
+
+
+class ManyEventsWorkflow(Workflow):
+    """Streams `n` events."""
+
+    @step()
+    async def stream(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        for i in range(int(ev.get("n"))):
+            ctx.write_event_to_stream(Progress(step=i))
+        return StopEvent(result="streamed")
+
+
+class ChatWorkflow(Workflow):
+    """Keeps the client's last message in `ctx.store` and answers with the one before."""
+
+    @step()
+    async def chat(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        previous = await ctx.store.get("last", default=None)
+        await ctx.store.set("last", ev.get("message"))
+        return StopEvent(result=previous)
+
+
+class Answer(HumanResponseEvent):
+    number: int
+
+
+class TypedHumanWorkflow(Workflow):
+    """Waits for a human's answer that must be a number."""
+
+    @step()
+    async def ask(self, ev: StartEvent) -> InputRequiredEvent:
+        return InputRequiredEvent(prefix="Enter a number: ")
+
+    @step()
+    async def answer(self, ev: Answer) -> StopEvent:
+        return StopEvent(result=ev.number * 2)
