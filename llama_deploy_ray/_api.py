@@ -43,6 +43,8 @@ from ._types import (
 )
 
 API_APP_NAME = "llama_deploy_control_plane"
+# Far past any listing's end, and within what Python's slicing takes.
+MAX_OFFSET = 10**12
 # A stream with nothing new sends a keep-alive this often, so idle streams outlive timeouts.
 KEEPALIVE_S = 15.0
 
@@ -133,7 +135,7 @@ class ControlPlaneAPI:
     @app.get("/sessions")
     async def list_sessions(
         self,
-        offset: int = Query(default=0, ge=0),
+        offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
         limit: int = Query(default=PAGE_SIZE, ge=1, le=PAGE_SIZE),
     ) -> list[SessionDefinition]:
         """Sessions in the order they were created, a page at a time."""
@@ -161,7 +163,7 @@ class ControlPlaneAPI:
     async def list_tasks(
         self,
         session_id: PathId,
-        offset: int = Query(default=0, ge=0),
+        offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
         limit: int = Query(default=PAGE_SIZE, ge=1, le=PAGE_SIZE),
     ) -> list[TaskResult]:
         """The session's tasks in the order they were created, a page at a time."""

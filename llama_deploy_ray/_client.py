@@ -17,7 +17,7 @@ from workflows.events import Event
 from . import _client_core as core
 from ._client_core import DEFAULT_POLL_INTERVAL, Call
 from ._config import ControlPlaneConfig
-from ._retry import retrying, retrying_sync
+from ._retry import call_retrying, call_retrying_sync
 from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
 
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -68,10 +68,11 @@ class LlamaDeployClient:
         """Send `call`, again under the retry policy while that may help, until `deadline`
         (by default the client's timeout from now)."""
         deadline = deadline or core.deadline_after(self.timeout)
-        policy = retrying_sync(
-            functools.partial(core.is_retryable, call), budget_s=deadline - time.monotonic()
+        return call_retrying_sync(
+            functools.partial(self._send_once, call, deadline),
+            functools.partial(core.is_retryable, call),
+            budget_s=deadline - time.monotonic(),
         )
-        return policy(self._send_once, call, deadline)
 
     def _send_once(self, call: Call[core.T], deadline: float) -> core.T:
         kwargs = core.request_kwargs(call, deadline, self.timeout)
@@ -226,10 +227,11 @@ class AsyncLlamaDeployClient:
         """Send `call`, again under the retry policy while that may help, until `deadline`
         (by default the client's timeout from now)."""
         deadline = deadline or core.deadline_after(self.timeout)
-        policy = retrying(
-            functools.partial(core.is_retryable, call), budget_s=deadline - time.monotonic()
+        return await call_retrying(
+            functools.partial(self._send_once, call, deadline),
+            functools.partial(core.is_retryable, call),
+            budget_s=deadline - time.monotonic(),
         )
-        return await policy(self._send_once, call, deadline)
 
     async def _send_once(self, call: Call[core.T], deadline: float) -> core.T:
         kwargs = core.request_kwargs(call, deadline, self.timeout)

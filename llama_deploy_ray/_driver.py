@@ -32,7 +32,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ._config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
 from ._message_queue import RayMessageQueue
-from ._retry import retrying
+from ._retry import call_retrying, retrying
 from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome, TaskResult
 
 logger = logging.getLogger(__name__)
@@ -214,11 +214,13 @@ class PublishingDriver(TaskDriver):
             sent += 1
             return await self._publish(task_id, message)
 
-        policy = retrying(
-            _actor_unreachable, attempts=retries + 1, first_wait_s=self._config.retry_backoff_s
-        )
         try:
-            return await policy(publish)
+            return await call_retrying(
+                publish,
+                _actor_unreachable,
+                attempts=retries + 1,
+                first_wait_s=self._config.retry_backoff_s,
+            )
         except (RayActorError, ActorUnavailableError) as exc:
             return TaskOutcome(
                 error=f"the replica running the task died {sent} times "
@@ -312,7 +314,7 @@ class LocalDriver(TaskDriver):
             return await call  # unreachable (it restarts): the policy sends it again
 
         try:
-            problems = await retrying(_actor_unreachable, budget_s=RECORD_BUDGET_S)(record)
+            problems = await call_retrying(record, _actor_unreachable, budget_s=RECORD_BUDGET_S)
         except Exception as exc:  # refused, or unreachable for the whole budget
             logger.error("the control plane did not record %d outcomes: %s", len(batch), exc)
             return

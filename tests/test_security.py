@@ -13,7 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from pydantic import SecretStr
 from ray.experimental import internal_kv
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from llama_deploy_ray import (
     ControlPlaneConfig,
@@ -148,22 +153,26 @@ def test_cross_site_requests_are_refused(
 # API keys (this module's last tests: they turn keys on for the shared core, then off)
 
 
+def with_key(config: ControlPlaneConfig, key: str) -> ControlPlaneConfig:
+    return config.model_copy(update={"api_key": SecretStr(key)})
+
+
 @pytest.fixture(scope="module")
 def keyed(deployed: ControlPlaneConfig) -> Iterator[ControlPlaneConfig]:
-    publish_guard(deployed.model_copy(update={"api_key": "new-key,old-key"}))
+    publish_guard(with_key(deployed, "new-key,old-key"))
     run = f"{deployed.url}{workflow_route('s_echo')}/sessions/s1/run"
 
-    def guarded(status_ok: bool) -> bool:
+    def refused(expected: bool) -> bool:
         answers = (
             httpx.get(f"{deployed.url}/services", timeout=30),
             httpx.post(run, json={"input": "{}"}, timeout=30),
         )
-        return all(a.is_success == status_ok for a in answers)
+        return all((a.status_code == 401) == expected for a in answers)
 
-    wait_for(lambda: guarded(False), timeout_s=REFRESH_S * 3, what="the keys to take effect")
+    wait_for(lambda: refused(True), timeout_s=REFRESH_S * 3, what="the keys to take effect")
     yield deployed
     internal_kv._internal_kv_del(_KV_KEY, namespace=deployed.namespace)
-    wait_for(lambda: guarded(True), timeout_s=REFRESH_S * 3, what="the keys to be dropped")
+    wait_for(lambda: refused(False), timeout_s=REFRESH_S * 3, what="the keys to be dropped")
 
 
 def test_without_a_key_every_route_answers_401_and_changes_nothing(
@@ -185,7 +194,7 @@ def test_without_a_key_every_route_answers_401_and_changes_nothing(
             assert answer.status_code == 401, (method, target, header)
             assert answer.json()["error"] == "UnauthorizedError"
     assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "healthy"}
-    with LlamaDeployClient(keyed.model_copy(update={"api_key": "old-key"})) as client:
+    with LlamaDeployClient(with_key(keyed, "old-key")) as client:
         assert "s_echo" in {s.service_name for s in client.list_services()}  # not deregistered
     with LlamaDeployClient(keyed) as client, pytest.raises(UnauthorizedError):
         client.list_services()
@@ -193,10 +202,37 @@ def test_without_a_key_every_route_answers_401_and_changes_nothing(
 
 def test_clients_with_either_key_work_everywhere(keyed: ControlPlaneConfig) -> None:
     for key in ("new-key", "old-key"):  # two keys at once: one can be rotated out
-        with LlamaDeployClient(keyed.model_copy(update={"api_key": key})) as client:
+        with LlamaDeployClient(with_key(keyed, key)) as client:
             session = client.create_session()
             assert session.run("s_echo", arg1="k") == "k_result"
             task_id = session.run_nowait("s_streaming", pause=0.05)
             assert [e["step"] for e in session.get_task_result_stream(task_id)] == [0, 1, 2]
             with pytest.raises(ServiceNotFoundError):
                 client.get_service("nope")
+
+
+# fuzzed: every route of the API's OpenAPI schema, with and without the key
+
+
+@pytest.fixture(scope="module")
+def api_schema(keyed: ControlPlaneConfig):
+    return schemathesis.openapi.from_url(
+        f"{keyed.url}/openapi.json", headers={"Authorization": "Bearer new-key"}, timeout=30
+    )
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzzed.parametrize()
+@settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+)
+def test_fuzzed_requests_never_get_a_5xx(case) -> None:
+    checks = [not_a_server_error, response_schema_conformance]
+    for headers in ({"Authorization": "Bearer new-key"}, {}):
+        case.call_and_validate(headers=headers, checks=checks, timeout=30)
