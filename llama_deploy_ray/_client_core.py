@@ -264,10 +264,10 @@ def read_response(call: Call[T], response: httpx.Response) -> T:
                 f"{call.method} {call.path} was refused by Ray Serve (503): the service's "
                 "queue is full (max_queued_requests) or it has no replica running yet"
             )
-        if response.status_code in (502, 504):
+        if response.status_code in (500, 502, 504):
             raise ControlPlaneUnavailableError(
                 f"{call.method} {call.path}: the proxy lost the replica that held the request "
-                f"(HTTP {response.status_code}); it restarts, retry shortly"
+                f"(HTTP {response.status_code}: {response.text[:200]}); it restarts, retry shortly"
             )
     raise error_from_json(body, response.status_code)
 

@@ -27,9 +27,10 @@ DRIVER_SILENCE_S = 15.0
 # How long a replica keeps sending a task's outcome while the control plane is unreachable (it
 # restarts within seconds).
 RECORD_BUDGET_S = 60.0
-# Calls the control plane runs at once. Many of them wait (a task for its turn, result long
-# polls, stream reads), each holding a slot: thousands queued must leave room for short calls.
-CONTROL_PLANE_MAX_CONCURRENCY = 100_000
+# Calls the control plane and the orchestrator each run at once. Many of them wait (a task for
+# its turn, result long polls, stream reads, runs waiting for their result), each holding a
+# slot: thousands waiting must leave room for the short calls.
+ACTOR_MAX_CONCURRENCY = 100_000
 # The longest the API holds one long poll; a client that waits longer asks again.
 MAX_WAIT_S = 300.0
 # How many sessions or tasks one page of a listing holds, at most.

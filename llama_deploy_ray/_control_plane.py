@@ -13,7 +13,7 @@ middle of an update, so each method is atomic on the actor's event loop.
 
 Calls that wait (a task's turn, result long polls, stream and inbox reads, driver watches) hold
 one of the actor's concurrency slots while they wait; the actor is started with enough slots
-(`CONTROL_PLANE_MAX_CONCURRENCY`) that waits never starve the short calls. Ray's concurrency
+(`ACTOR_MAX_CONCURRENCY`) that waits never starve the short calls. Ray's concurrency
 groups would give waits their own slots, but each group runs on its own event loop thread,
 and every method here relies on sharing one loop with the others.
 """

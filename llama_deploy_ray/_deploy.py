@@ -15,8 +15,8 @@ from workflows import Workflow
 
 from ._api import API_APP_NAME, ControlPlaneAPI
 from ._config import (
+    ACTOR_MAX_CONCURRENCY,
     CONTROL_PLANE_ACTOR_NAME,
-    CONTROL_PLANE_MAX_CONCURRENCY,
     ORCHESTRATOR_ACTOR_NAME,
     SERVE_FAST_MODE_ENV,
     ControlPlaneConfig,
@@ -194,7 +194,7 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             lifetime="detached",
             get_if_exists=True,
             max_restarts=-1,
-            max_concurrency=CONTROL_PLANE_MAX_CONCURRENCY,
+            max_concurrency=ACTOR_MAX_CONCURRENCY,
             num_cpus=0,
         )
         .remote(
@@ -215,6 +215,7 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             get_if_exists=True,
             max_restarts=-1,
             max_task_retries=0,
+            max_concurrency=ACTOR_MAX_CONCURRENCY,
             num_cpus=0,
             # route Serve handle calls on the orchestrator's own event loop rather than a
             # router thread: one cross-thread hop less per task

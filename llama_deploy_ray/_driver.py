@@ -33,7 +33,14 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ._config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
 from ._message_queue import RayMessageQueue
 from ._retry import call_retrying, retrying
-from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome, TaskResult
+from ._types import (
+    DriverNotice,
+    QueueMessage,
+    StartedTask,
+    TaskDefinition,
+    TaskOutcome,
+    TaskResult,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,14 +172,18 @@ class TaskDriver:
                 logger.warning("driver %s: heartbeat failed: %s", self.driver_id, exc)
 
     async def _watch(self) -> None:
-        while True:
-            # the control plane restarts: watch again
-            notice = await retrying(_actor_unreachable)(
-                self._control_plane.watch_driver.remote,
-                self.driver_id,
-                DRIVER_WATCH_S,
-                self._adopts_orphans,
+        async def watch() -> DriverNotice:
+            return await self._control_plane.watch_driver.remote(
+                self.driver_id, DRIVER_WATCH_S, self._adopts_orphans
             )
+
+        while True:
+            try:  # the control plane restarts: watch again
+                notice = await retrying(_actor_unreachable)(watch)
+            except Exception:  # a watch that stops would strand cancels and orphans
+                logger.exception("driver %s: the watch failed; watching again", self.driver_id)
+                await asyncio.sleep(DRIVER_WATCH_S)
+                continue
             for task_id in notice.cancelled:
                 self._cancel(task_id)
             for task_id in notice.orphaned:

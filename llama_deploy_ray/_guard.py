@@ -6,7 +6,8 @@ browser's request comes from, and the size of the body.
   constant time; the keys themselves are never stored or logged.
 - **Cross-site requests.** A request that changes something and carries an `Origin` header
   naming another site than the one it was sent to (a web page the developer visits, posting to
-  `127.0.0.1:8000`) is refused with 403, unless that origin is in `allowed_origins`.
+  `127.0.0.1:8000`) is refused with 403, unless that origin is in `allowed_origins`; CORS is
+  off, except for those origins (their preflights are answered, their answers readable).
 - **Body size.** Past `max_request_bytes` a request is refused with 413 before its body is
   parsed, whether it says its length or not.
 
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 
 from ray.experimental import internal_kv
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._config import ControlPlaneConfig
@@ -43,6 +44,11 @@ HEALTH_PATH = "/health"
 REFRESH_S = 10.0
 _KV_KEY = b"api_key_digests"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, PUT, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
+    "Access-Control-Max-Age": "600",
+}
 
 
 def _digest(key: str) -> str:
@@ -118,6 +124,22 @@ class RequestGuard:
             return self.too_large()
         return None
 
+    def cors_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """What lets a browser app of an allowed origin read the answer (nothing for others)."""
+        origin = headers.get("origin", "")
+        if origin.rstrip("/") not in self._allowed_origins:
+            return {}
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+    def preflight(self, method: str, headers: Mapping[str, str]) -> Response | None:
+        """The answer to a browser's CORS preflight (which carries no API key), or None."""
+        if method != "OPTIONS" or "access-control-request-method" not in headers:
+            return None
+        cors = self.cors_headers(headers)
+        if not cors:
+            return Response(status_code=403)
+        return Response(status_code=204, headers={**cors, **_PREFLIGHT_HEADERS})
+
     def too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(
             f"the request body is larger than {self.max_request_bytes} bytes "
@@ -160,6 +182,13 @@ class GuardMiddleware:
             return
         guard: RequestGuard = scope["app"].state.guard
         headers = Headers(scope=scope)
+        preflight = guard.preflight(scope["method"], headers)
+        if preflight is not None:
+            await preflight(scope, receive, send)
+            return
+        cors = guard.cors_headers(headers)
+        if cors:
+            send = _with_headers(send, cors)
         refusal = guard.refusal(scope["method"], scope["path"], headers)
         has_body = scope["method"] not in _SAFE_METHODS
         if refusal is None and has_body and "content-length" not in headers:
@@ -184,6 +213,21 @@ async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return
+
+
+def _with_headers(send: Send, extra: dict[str, str]) -> Send:
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {
+                **message,
+                "headers": [
+                    *message.get("headers", []),
+                    *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+                ],
+            }
+        await send(message)
+
+    return send_with_headers
 
 
 def _replay(body: bytes, then: Receive) -> Receive:

@@ -21,6 +21,7 @@ import ray
 from workflows import Workflow
 
 from ._client_core import result_value, task_definition
+from ._config import MAX_WAIT_S
 from ._errors import InvalidRequestError, ServiceNotFoundError
 from ._types import TaskDefinition
 
@@ -104,4 +105,8 @@ class NestedWorkflow:
             result = await _actors["orchestrator"].run.remote(child)
         except ServiceNotFoundError:
             return await self.local.run(**kwargs)
+        while not result.status.is_final:  # it waits for input; the parent's timeout bounds it
+            result = await _actors["control_plane"].get_task.remote(
+                child.session_id, child.task_id, MAX_WAIT_S
+            )
         return result_value(result)

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from ._config import CONTROL_PLANE_ACTOR_NAME, SimpleOrchestratorConfig
+from ._config import CONTROL_PLANE_ACTOR_NAME, MAX_WAIT_S, SimpleOrchestratorConfig
 from ._driver import PublishingDriver
 from ._types import TaskDefinition, TaskResult
 
@@ -30,11 +30,12 @@ class SimpleOrchestrator:
         return True
 
     async def run(self, task: TaskDefinition) -> TaskResult:
-        """Run `task` and return its final result (after any wait for input)."""
+        """Run `task` and return its result: final, or still `waiting` for input after
+        `MAX_WAIT_S` (the caller waits on; every wait here is bounded)."""
         result = await self._driver.run(task)
         if not result.status.is_final:  # parked: wait here, where it holds no replica slot
             result = await self._control_plane.get_task.remote(
-                task.session_id, task.task_id, float("inf")
+                task.session_id, task.task_id, MAX_WAIT_S
             )
         return result
 

@@ -88,6 +88,14 @@ class WorkflowService:
         """`POST .../sessions/{session_id}/run` with a `TaskDefinition`: run the task here and
         answer with its `TaskResult`, final or `waiting` (parked for input); errors as the
         control plane's API sends them."""
+        preflight = self._guard.preflight(request.method, request.headers)
+        if preflight is not None:
+            return preflight
+        response = await self._answer(request)
+        response.headers.update(self._guard.cors_headers(request.headers))
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         refusal = self._guard.refusal(request.method, request.url.path, request.headers)
         if refusal is not None:
             return _error_response(refusal)

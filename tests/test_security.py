@@ -153,13 +153,17 @@ def test_cross_site_requests_are_refused(
 # API keys (this module's last tests: they turn keys on for the shared core, then off)
 
 
+APP_ORIGIN = "http://app.example:3000"
+
+
 def with_key(config: ControlPlaneConfig, key: str) -> ControlPlaneConfig:
     return config.model_copy(update={"api_key": SecretStr(key)})
 
 
 @pytest.fixture(scope="module")
 def keyed(deployed: ControlPlaneConfig) -> Iterator[ControlPlaneConfig]:
-    publish_guard(with_key(deployed, "new-key,old-key"))
+    keyed = with_key(deployed, "new-key,old-key")
+    publish_guard(keyed.model_copy(update={"allowed_origins": [APP_ORIGIN]}))
     run = f"{deployed.url}{workflow_route('s_echo')}/sessions/s1/run"
 
     def refused(expected: bool) -> bool:
@@ -170,7 +174,7 @@ def keyed(deployed: ControlPlaneConfig) -> Iterator[ControlPlaneConfig]:
         return all((a.status_code == 401) == expected for a in answers)
 
     wait_for(lambda: refused(True), timeout_s=REFRESH_S * 3, what="the keys to take effect")
-    yield deployed
+    yield keyed
     internal_kv._internal_kv_del(_KV_KEY, namespace=deployed.namespace)
     wait_for(lambda: refused(False), timeout_s=REFRESH_S * 3, what="the keys to be dropped")
 
@@ -196,7 +200,7 @@ def test_without_a_key_every_route_answers_401_and_changes_nothing(
     assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "healthy"}
     with LlamaDeployClient(with_key(keyed, "old-key")) as client:
         assert "s_echo" in {s.service_name for s in client.list_services()}  # not deregistered
-    with LlamaDeployClient(keyed) as client, pytest.raises(UnauthorizedError):
+    with LlamaDeployClient(with_key(keyed, "wrong")) as client, pytest.raises(UnauthorizedError):
         client.list_services()
 
 
@@ -209,6 +213,33 @@ def test_clients_with_either_key_work_everywhere(keyed: ControlPlaneConfig) -> N
             assert [e["step"] for e in session.get_task_result_stream(task_id)] == [0, 1, 2]
             with pytest.raises(ServiceNotFoundError):
                 client.get_service("nope")
+
+
+def test_an_allowed_origin_gets_cors_and_others_do_not(keyed: ControlPlaneConfig) -> None:
+    run = f"{keyed.url}{workflow_route('s_echo')}/sessions/cors/run"
+    httpx.put(f"{keyed.url}/sessions/cors", headers=keyed.auth_headers(), timeout=30)
+    preflight = {"Access-Control-Request-Method": "POST"}
+    for target in (f"{keyed.url}/sessions/create", run):
+        allowed = httpx.options(target, headers={"Origin": APP_ORIGIN, **preflight}, timeout=30)
+        assert allowed.status_code == 204
+        assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert "Authorization" in allowed.headers["access-control-allow-headers"]
+        other = {"Origin": "http://evil.example", **preflight}
+        assert httpx.options(target, headers=other, timeout=30).status_code == 403
+    answer = httpx.post(
+        run,
+        headers={"Origin": APP_ORIGIN, **keyed.auth_headers()},
+        json={"input": '{"arg1": "cors"}'},
+        timeout=30,
+    )
+    assert answer.is_success and answer.json()["result"] == "cors_result"
+    assert answer.headers["access-control-allow-origin"] == APP_ORIGIN
+    listed = httpx.get(
+        f"{keyed.url}/services", headers={"Origin": APP_ORIGIN, **keyed.auth_headers()}
+    )
+    assert listed.headers["access-control-allow-origin"] == APP_ORIGIN
+    plain = httpx.get(f"{keyed.url}/services", headers=keyed.auth_headers(), timeout=30)
+    assert "access-control-allow-origin" not in plain.headers  # CORS is off for the rest
 
 
 # fuzzed: every route of the API's OpenAPI schema, with and without the key
