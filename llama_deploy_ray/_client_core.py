@@ -68,7 +68,7 @@ def _list_of(model: type[T]) -> Callable[[Any], list[T]]:
 
 
 def _optional(model: type[T]) -> Callable[[Any], T | None]:
-    return TypeAdapter(model | None).validate_python  # type: ignore[operator]
+    return TypeAdapter(model | None).validate_python
 
 
 _service = _model(ServiceDefinition)

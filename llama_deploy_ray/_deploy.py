@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+from typing import Any
 
 import ray
 from ray import serve
@@ -105,7 +106,9 @@ async def deploy_workflow(
     if existing.get(definition.service_name, definition) != definition:
         await control_plane.register_service.remote(definition)  # raises ServiceConflictError
     _warn_if_it_cannot_fit(workflow_config)
-    application = WorkflowService.options(**workflow_config.deployment_options()).bind(
+    # serve.deployment made the class a Deployment (Ray's type hints keep the class)
+    deployment: Any = WorkflowService
+    application = deployment.options(**workflow_config.deployment_options()).bind(
         packed, workflow_config.service_name, config.namespace, workflow_config.input_hold_s
     )
     await asyncio.to_thread(
@@ -186,7 +189,8 @@ def _check_ports_are_free(config: ControlPlaneConfig) -> None:
 def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestratorConfig) -> None:
     publish_guard(config)
     serve.start(http_options={"host": config.host, "port": config.port})
-    control_plane = (
+    # actor handles: Ray's type hints do not know the methods' `.remote`
+    control_plane: Any = (
         ray.remote(ControlPlane)
         .options(
             name=CONTROL_PLANE_ACTOR_NAME,
@@ -206,7 +210,7 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
         )
     )
     ray.get(control_plane.ready.remote())
-    orchestrator = (
+    orchestrator: Any = (
         ray.remote(SimpleOrchestrator)
         .options(
             name=ORCHESTRATOR_ACTOR_NAME,
@@ -224,8 +228,9 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
         .remote(orchestrator_config, config.namespace)
     )
     ray.get(orchestrator.ready.remote())
+    api: Any = ControlPlaneAPI
     serve.run(
-        ControlPlaneAPI.bind(config.namespace),
+        api.bind(config.namespace),
         name=API_APP_NAME,
         route_prefix="/",
         logging_config=_QUIET_ACCESS_LOG,

@@ -69,6 +69,7 @@ class TaskDriver:
         self._cancelled: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._stopped = threading.Event()
 
     def start(self) -> None:
         """Open the watch on the control plane (needs a running event loop) and start the
@@ -98,9 +99,12 @@ class TaskDriver:
         self.in_background(self._resume(started))
 
     async def drain(self) -> None:
-        """Wait for what this driver does in the background: the runs it drives, the outcomes
-        it sends (before its process shuts down)."""
+        """Wait for what this driver does in the background (the runs it drives, the outcomes
+        it sends), then stop its watch and heartbeat: its process shuts down."""
         await asyncio.gather(*self._background, return_exceptions=True)
+        self._stopped.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     def in_background(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -163,10 +167,9 @@ class TaskDriver:
             self._cancelled.discard(task_id)
 
     def _beat(self) -> None:
-        while True:
-            time.sleep(DRIVER_WATCH_S)
+        while not self._stopped.wait(DRIVER_WATCH_S):
             try:
-                beat = self._control_plane.heartbeat.remote(self.driver_id)
+                beat: ray.ObjectRef = self._control_plane.heartbeat.remote(self.driver_id)
                 ray.get(beat, timeout=DRIVER_WATCH_S)
             except Exception as exc:  # the control plane restarts: beat again next time
                 logger.warning("driver %s: heartbeat failed: %s", self.driver_id, exc)
@@ -179,7 +182,7 @@ class TaskDriver:
 
         while True:
             try:  # the control plane restarts: watch again
-                notice = await retrying(_actor_unreachable)(watch)
+                notice: DriverNotice = await retrying(_actor_unreachable)(watch)
             except Exception:  # a watch that stops would strand cancels and orphans
                 logger.exception("driver %s: the watch failed; watching again", self.driver_id)
                 await asyncio.sleep(DRIVER_WATCH_S)

@@ -213,7 +213,7 @@ def error_from_json(body: dict[str, Any], status_code: int) -> LlamaDeployError:
     """Rebuild the error the API sent; an unknown body becomes the base class."""
     cls = _BY_NAME.get(str(body.get("error")))
     message = str(body.get("message") or body.get("detail") or f"HTTP {status_code}")
-    detail = body.get("detail") if isinstance(body.get("detail"), dict) else {}
+    detail: dict[str, Any] = body["detail"] if isinstance(body.get("detail"), dict) else {}
     if cls is None:
         # FastAPI's own 422 body: {"detail": [...validation errors...]}
         if status_code == 422:

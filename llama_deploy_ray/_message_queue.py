@@ -25,7 +25,9 @@ class RayMessageQueue:
     def publish(self, message: QueueMessage) -> DeploymentResponse:
         """Deliver `message` to one replica of the service named by its `type`; await the
         response for the replica's `TaskOutcome`."""
-        return self._handle(message.type).process_message.remote(message)
+        response = self._handle(message.type).process_message.remote(message)
+        assert isinstance(response, DeploymentResponse)  # not a streaming call
+        return response
 
     async def check_event(self, service_name: str, event: dict[str, Any]) -> None:
         """Ask one replica of the service whether its workflow takes `event`."""

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 import ray
 from pydantic import ValidationError
@@ -78,10 +78,11 @@ class WorkflowService:
         self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
         # JSON where it can, a signed pickle where it must: state may hold any object a step
         # put there, and may also hold what a client sent
-        self._serializer = SignedStateSerializer(ray.get(self._control_plane.state_secret.remote()))
+        secret = cast(bytes, ray.get(self._control_plane.state_secret.remote()))
+        self._serializer: SignedStateSerializer = SignedStateSerializer(secret)
         self._input_hold_s = input_hold_s
-        self._driver = LocalDriver(self._control_plane, self._run)
-        self._guard = RequestGuard(namespace)
+        self._driver: LocalDriver = LocalDriver(self._control_plane, self._run)
+        self._guard: RequestGuard = RequestGuard(namespace)
         _nested.attach_actors(self._control_plane, ORCHESTRATOR_ACTOR_NAME, namespace)
 
     async def __call__(self, request: Request) -> Response:
