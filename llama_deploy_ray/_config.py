@@ -229,6 +229,11 @@ class WorkflowServiceConfig(BaseSettings):
             "503 (the clients retry those with backoff); -1 for no bound."
         ),
     )
+    retry_after_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="The Retry-After a run refused for a full queue is answered with.",
+    )
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     runtime_env: dict[str, Any] | None = None
     input_hold_s: float = Field(
@@ -255,6 +260,7 @@ class WorkflowServiceConfig(BaseSettings):
             "name": self.service_name,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"retry_after_s": self.retry_after_s},
             "ray_actor_options": actor_options,
         }
         if self.autoscaling is not None:

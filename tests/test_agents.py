@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -19,13 +20,14 @@ from llama_deploy_ray import (
     TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
+    TaskResult,
     TaskStateError,
     TaskStatus,
     add_workflows,
     deploy_workflow,
 )
 
-from .conftest import service
+from .conftest import service, wait_for
 from .workflows import (
     HelperOuterWorkflow,
     HumanWorkflow,
@@ -303,16 +305,18 @@ async def test_cancel_reaches_children(aclient: AsyncLlamaDeployClient) -> None:
 def test_run_raises_when_its_task_is_cancelled(client, deployed) -> None:
     session = client.create_session()
 
-    def cancel_soon() -> None:
-        time.sleep(1.5)
+    def cancel_once_running() -> TaskResult:
         with LlamaDeployClient(deployed) as other:
-            task = other.get_session(session.session_id)
-            task.cancel_task(task.get_current_task().task_id)
+            watched = other.get_session(session.session_id)
+            current = wait_for(
+                lambda: (t := watched.get_current_task()) and t.status is TaskStatus.RUNNING and t,
+                timeout_s=30,
+                what="the run's task to be running",
+            )
+            return watched.cancel_task(current.task_id)
 
-    import threading
-
-    thread = threading.Thread(target=cancel_soon)
-    thread.start()
-    with pytest.raises(TaskCancelledError):
-        session.run("one_slot", seconds=30)
-    thread.join()
+    with ThreadPoolExecutor(1) as helper:
+        cancelled = helper.submit(cancel_once_running)
+        with pytest.raises(TaskCancelledError):
+            session.run("one_slot", seconds=30)
+        assert cancelled.result(timeout=30).status is TaskStatus.CANCELLED
