@@ -164,10 +164,11 @@ def test_a_waiting_task_is_parked_and_outlives_its_timeout(client: LlamaDeployCl
     # parked does not count against the timeout
     session = client.create_session()
     task_id = session.run_nowait("human")
-    deadline = time.monotonic() + 20
-    while session.get_task(task_id).status is not TaskStatus.WAITING:
-        assert time.monotonic() < deadline, "the task was never parked"
-        time.sleep(0.2)
+    wait_for(
+        lambda: session.get_task(task_id).status is TaskStatus.WAITING,
+        timeout_s=20,
+        what="the task to be parked",
+    )
     time.sleep(4)
     session.send_event("human", task_id, HumanResponseEvent(response="late"))
     result = session.get_task_result(task_id, wait_s=30)
@@ -181,39 +182,31 @@ def test_run_waits_through_human_input(client: LlamaDeployClient, deployed) -> N
     def answer_later() -> None:
         with LlamaDeployClient(deployed) as other:
             task = other.get_session(session.session_id)
-            deadline = time.monotonic() + 20
-            while (current := task.get_current_task()) is None:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            current = wait_for(task.get_current_task, timeout_s=20, what="the run's task")
             answer_when_asked(task, "human", current.task_id, "7")
 
-    import threading
-
-    thread = threading.Thread(target=answer_later)
-    thread.start()
-    assert session.run("human") == "7"
-    thread.join()
+    with ThreadPoolExecutor(1) as helper:
+        answered = helper.submit(answer_later)
+        assert session.run("human") == "7"
+        answered.result(timeout=30)
 
 
 def test_a_parked_run_holds_no_replica_slot(client: LlamaDeployClient, deployed) -> None:
-    import threading
-
     waiting = client.create_session()
-    answers: list[str] = []
-    thread = threading.Thread(target=lambda: answers.append(waiting.run("human_one_slot")))
-    thread.start()
-    deadline = time.monotonic() + 20
-    while (task := waiting.get_current_task()) is None or task.status is not TaskStatus.WAITING:
-        assert time.monotonic() < deadline, "the run was never parked"
-        time.sleep(0.1)
-    # the service's only slot is free again: another task runs while the first one waits
-    other = client.create_session()
-    other_id = other.run_nowait("human_one_slot")
-    answer_when_asked(other, "human_one_slot", other_id, "second")
-    assert other.get_task_result(other_id, wait_s=30).result == "second"
-    waiting.send_event("human_one_slot", task.task_id, HumanResponseEvent(response="first"))
-    thread.join(timeout=30)
-    assert answers == ["first"]
+    with ThreadPoolExecutor(1) as helper:
+        run = helper.submit(waiting.run, "human_one_slot")
+        task = wait_for(
+            lambda: (t := waiting.get_current_task()) and t.status is TaskStatus.WAITING and t,
+            timeout_s=20,
+            what="the run to be parked",
+        )
+        # the service's only slot is free again: another task runs while the first one waits
+        other = client.create_session()
+        other_id = other.run_nowait("human_one_slot")
+        answer_when_asked(other, "human_one_slot", other_id, "second")
+        assert other.get_task_result(other_id, wait_s=30).result == "second"
+        waiting.send_event("human_one_slot", task.task_id, HumanResponseEvent(response="first"))
+        assert run.result(timeout=30) == "first"
 
 
 def test_bad_events_are_refused(client: LlamaDeployClient) -> None:
@@ -267,10 +260,11 @@ def test_a_failing_child_fails_the_parent(client: LlamaDeployClient) -> None:
 def test_cancel_a_running_task_frees_its_slot(client: LlamaDeployClient) -> None:
     session = client.create_session()
     task_id = session.run_nowait("one_slot", seconds=60)
-    deadline = time.monotonic() + 20
-    while session.get_task(task_id).status is not TaskStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: session.get_task(task_id).status is TaskStatus.RUNNING,
+        timeout_s=20,
+        what="the task to run",
+    )
     assert session.cancel_task(task_id).status is TaskStatus.CANCELLED
     # the only slot of "one_slot" is free again: another session's task runs at once
     start = time.monotonic()
@@ -292,11 +286,13 @@ def test_cancel_a_queued_task(client: LlamaDeployClient) -> None:
 async def test_cancel_reaches_children(aclient: AsyncLlamaDeployClient) -> None:
     session = await aclient.create_session()
     task_id = await session.run_nowait("parent", arg1="x", seconds=60)
-    for _ in range(200):
+    for _ in range(200):  # bounded: 20 s for the child to run
         tasks = await session.get_tasks()
         if len(tasks) == 2 and tasks[1].status is TaskStatus.RUNNING:
             break
         await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the child task never ran")
     result = await session.cancel_task(task_id)
     assert result.status is TaskStatus.CANCELLED
     assert [t.status for t in await session.get_tasks()] == [TaskStatus.CANCELLED] * 2

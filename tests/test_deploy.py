@@ -31,7 +31,7 @@ from llama_deploy_ray import (
 )
 from llama_deploy_ray._config import workflow_route
 
-from .conftest import service
+from .conftest import service, wait_for
 from .workflows import (
     CounterWorkflow,
     DiesOnceWorkflow,
@@ -349,10 +349,11 @@ def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client) -> None:
 
     session = client.create_session()
     task_id = session.run_nowait("sleep", seconds=2, tag="survivor")
-    deadline = time.monotonic() + 20
-    while session.get_task(task_id).status is not TaskStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: session.get_task(task_id).status is TaskStatus.RUNNING,
+        timeout_s=20,
+        what="the task to run",
+    )
     ray.kill(ray.get_actor(ORCHESTRATOR_ACTOR_NAME), no_restart=False)
     # no request needed: its new incarnation drives again what the silent one left
     result = session.get_task_result(task_id, wait_s=90)
