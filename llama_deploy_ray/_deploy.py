@@ -28,10 +28,11 @@ from ._config import (
 )
 from ._control_plane import ControlPlane
 from ._errors import ControlPlaneUnavailableError, InvalidRequestError
+from ._events import accepted_events
 from ._guard import publish_guard
 from ._orchestrator import SimpleOrchestrator
 from ._packaging import pack_workflow
-from ._service import WorkflowService, accepted_events
+from ._service import WorkflowService
 from ._types import ServiceDefinition
 
 logger = logging.getLogger(__name__)

@@ -23,20 +23,29 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
-from workflows.events import Event
+from workflows import Workflow
+from workflows.events import Event, HumanResponseEvent
 
 from ._errors import InvalidRequestError
+from ._workflows_internals import event_fields, events_taken_by, steps_of
 
 TYPE_KEY = "__type__"
 SEQ_KEY = "__seq__"
 DROPPED_TYPE = "EventsDropped"
 
 
+def accepted_events(workflow: Workflow) -> dict[str, type[Event]]:
+    """The event classes a client may send into a run of `workflow`, by name."""
+    classes: dict[str, type[Event]] = {HumanResponseEvent.__name__: HumanResponseEvent}
+    for step_fn in steps_of(workflow).values():
+        for cls in events_taken_by(step_fn):
+            classes[cls.__name__] = cls
+    return classes
+
+
 def event_to_dict(event: Event) -> dict[str, Any]:
     """The event's fields (declared ones and those given as keyword data) and its type."""
-    fields = event.model_dump()
-    fields.update(fields.pop("_data", None) or {})
-    fields = to_jsonable_python(fields, fallback=repr)
+    fields = to_jsonable_python(event_fields(event), fallback=repr)
     fields[TYPE_KEY] = type(event).__name__
     return fields
 

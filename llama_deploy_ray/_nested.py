@@ -24,6 +24,7 @@ from ._client_core import result_value, task_definition
 from ._config import MAX_WAIT_S
 from ._errors import InvalidRequestError, ServiceNotFoundError
 from ._types import TaskDefinition
+from ._workflows_internals import copy_step_config, steps_of_class
 
 NESTED_ATTR = "_llama_deploy_nested"
 
@@ -54,7 +55,7 @@ def add_workflows(workflow: Workflow, **workflows: Workflow) -> None:
                 f"{name}= must be a Workflow instance, got {type(inner).__name__}"
             )
     bound = 0
-    for step_name, step_fn in type(workflow)._get_steps_from_class().items():
+    for step_name, step_fn in steps_of_class(type(workflow)).items():
         function = getattr(step_fn, "__func__", step_fn)
         wanted = [p for p in inspect.signature(function).parameters if p in nested]
         if wanted:
@@ -80,7 +81,7 @@ def _bind(workflow: Workflow, function: Any, names: list[str]) -> types.MethodTy
             kwargs[name] = NestedWorkflow(name, nested[name])
         return await function(self, *args, **kwargs)
 
-    step_with_workflows._step_config = function._step_config  # type: ignore[attr-defined]
+    copy_step_config(function, step_with_workflows)
     step_with_workflows.__name__ = function.__name__
     return types.MethodType(step_with_workflows, workflow)
 

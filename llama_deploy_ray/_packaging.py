@@ -16,29 +16,11 @@ from typing import Any
 
 import cloudpickle
 from pydantic import BaseModel
-from workflows import Workflow, step
-from workflows.events import StartEvent, StopEvent
+from workflows import Workflow
 
 from ._errors import InvalidRequestError
 from ._nested import NESTED_ATTR, add_workflows, bound_step_names
-
-
-class _Probe(Workflow):
-    @step
-    async def only(self, ev: StartEvent) -> StopEvent:
-        return StopEvent()
-
-
-# What Workflow.__init__ sets itself; everything else on an instance is the user's.
-_FRAMEWORK_ATTRS = frozenset(_Probe().__dict__)
-_INIT_OPTIONS = {
-    "timeout": "_timeout",
-    "verbose": "_verbose",
-    "disable_validation": "_disable_validation",
-    "num_concurrent_runs": "_num_concurrent_runs",
-    "workflow_name": "_workflow_name",
-    "serializer": "_serializer",
-}
+from ._workflows_internals import FRAMEWORK_ATTRS, init_options
 
 
 class PackedWorkflow(BaseModel):
@@ -60,9 +42,9 @@ def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
             f"'module:attribute', got {type(workflow).__name__}"
         )
     cls = type(workflow)
-    options = {opt: getattr(workflow, attr) for opt, attr in _INIT_OPTIONS.items()}
+    options = init_options(workflow)
     # nested workflows travel packed on their own; add_workflows binds them again
-    skip = _FRAMEWORK_ATTRS | {NESTED_ATTR} | bound_step_names(workflow)
+    skip = FRAMEWORK_ATTRS | {NESTED_ATTR} | bound_step_names(workflow)
     user_attrs = {k: v for k, v in workflow.__dict__.items() if k not in skip}
     nested = {n: pack_workflow(w) for n, w in workflow.__dict__.get(NESTED_ATTR, {}).items()}
     module = sys.modules.get(cls.__module__)

@@ -33,8 +33,8 @@ from ray import serve
 from ray.exceptions import RayActorError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from workflows import Context, Workflow
-from workflows.events import Event, HumanResponseEvent, InputRequiredEvent, StopEvent
+from workflows import Context
+from workflows.events import InputRequiredEvent, StopEvent
 from workflows.handler import WorkflowHandler
 
 from . import _nested
@@ -47,24 +47,16 @@ from ._errors import (
     error_to_answer,
     error_to_json,
 )
-from ._events import SEQ_KEY, event_from_dict, event_to_dict
+from ._events import SEQ_KEY, accepted_events, event_from_dict, event_to_dict
 from ._guard import RequestGuard
 from ._packaging import PackedWorkflow, unpack_workflow
 from ._state_serializer import SignedStateSerializer
 from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome
+from ._workflows_internals import with_fresh_run_clock
 
 logger = logging.getLogger(__name__)
 
 _ID = re.compile(ID_PATTERN)
-
-
-def accepted_events(workflow: Workflow) -> dict[str, type[Event]]:
-    """The event classes a client may send into a run of `workflow`, by name."""
-    classes: dict[str, type[Event]] = {HumanResponseEvent.__name__: HumanResponseEvent}
-    for step_fn in workflow._get_steps().values():
-        for cls in step_fn._step_config.accepted_events:
-            classes[cls.__name__] = cls
-    return classes
 
 
 @serve.deployment
@@ -138,7 +130,7 @@ class WorkflowService:
         if state and not resume:
             # A new task is a new run on the session's state: its timeout starts from zero,
             # not from the alive time the session's earlier runs spent.
-            state = {**state, "elapsed_alive": 0.0, "last_alive_stamp": None}
+            state = with_fresh_run_clock(state)
         token = _nested.CURRENT_TASK.set(task)
         try:
             if state:

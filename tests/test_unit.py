@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 from pydantic import ValidationError
+from workflows import Workflow
 from workflows.events import HumanResponseEvent
 
 import llama_deploy_ray
@@ -547,3 +548,48 @@ async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fai
     await control_plane.cancel_task(session.session_id, after.task_id)
     assert (await asyncio.wait_for(nxt, timeout=5)).status is TaskStatus.CANCELLED
     await driver.drain()
+
+
+def test_each_use_of_the_workflows_internals_still_holds() -> None:
+    # one check per touch point in _workflows_internals: an upgrade that moves one fails here
+    from workflows import Context
+    from workflows.events import HumanResponseEvent as Human
+    from workflows.events import StartEvent
+
+    from llama_deploy_ray import _workflows_internals as internals
+    from llama_deploy_ray._events import accepted_events
+
+    from .workflows import Answer, EchoWorkflow, TypedHumanWorkflow
+
+    workflow = TypedHumanWorkflow(timeout=12, verbose=False)
+    assert set(internals.steps_of(workflow)) == {"ask", "answer"}
+    assert set(internals.steps_of_class(TypedHumanWorkflow)) == {"ask", "answer"}
+    answer = internals.steps_of(workflow)["answer"]
+    assert internals.events_taken_by(answer) == [Answer]
+    assert accepted_events(workflow) == {
+        "HumanResponseEvent": Human,
+        "StartEvent": StartEvent,
+        "Answer": Answer,
+    }
+
+    async def wrapper(*args: object) -> None: ...
+
+    internals.copy_step_config(answer, wrapper)
+    assert internals.events_taken_by(wrapper) == [Answer]
+
+    options = internals.init_options(workflow)
+    assert options["timeout"] == 12 and options["verbose"] is False
+    rebuilt = EchoWorkflow.__new__(EchoWorkflow)
+    Workflow.__init__(rebuilt, **options)  # every option is one __init__ takes
+    assert "_timeout" in internals.FRAMEWORK_ATTRS and "marker" not in internals.FRAMEWORK_ATTRS
+
+    async def saved_state() -> dict:
+        handler = EchoWorkflow().run(arg1="x")
+        await handler
+        return handler.ctx.to_dict()
+
+    state = asyncio.run(saved_state())
+    assert set(internals.RUN_CLOCK_KEYS) <= set(state)  # the keys that time a run
+    Context.from_dict(EchoWorkflow(), internals.with_fresh_run_clock(state))
+
+    assert internals.event_fields(Human(response="r", extra=1)) == {"response": "r", "extra": 1}
