@@ -162,24 +162,17 @@ def get_current_task(session_id: str) -> Call[TaskResult | None]:
     return Call("GET", f"/sessions/{session_id}/current_task", _optional_result)
 
 
+def _long_poll(path: str, parse: Callable[[Any], T], wait_s: float) -> Call[T]:
+    wait_s = min(wait_s, MAX_WAIT_S)
+    return Call("GET", path, parse, params={"wait_s": wait_s}, hold_s=wait_s)
+
+
 def get_task(session_id: str, task_id: str, wait_s: float) -> Call[TaskResult]:
-    return Call(
-        "GET",
-        f"/sessions/{session_id}/tasks/{task_id}",
-        _result,
-        params={"wait_s": min(wait_s, MAX_WAIT_S)},
-        hold_s=min(wait_s, MAX_WAIT_S),
-    )
+    return _long_poll(f"/sessions/{session_id}/tasks/{task_id}", _result, wait_s)
 
 
 def get_task_result(session_id: str, task_id: str, wait_s: float) -> Call[TaskResult | None]:
-    return Call(
-        "GET",
-        f"/sessions/{session_id}/tasks/{task_id}/result",
-        _optional_result,
-        params={"wait_s": min(wait_s, MAX_WAIT_S)},
-        hold_s=min(wait_s, MAX_WAIT_S),
-    )
+    return _long_poll(f"/sessions/{session_id}/tasks/{task_id}/result", _optional_result, wait_s)
 
 
 def wait_for_final(session_id: str, task_id: str, deadline: float) -> Call[TaskResult]:
