@@ -277,11 +277,9 @@ class ControlPlane:
     async def begin_task(self, task: TaskDefinition, owner: str) -> StartedTask | None:
         """`create_task` then `start_task`, in one call; None for a task that already existed
         (a client's retry: the first request's driver runs it)."""
-        if task.task_id in self._tasks:
-            await self.create_task(task, owner)  # refuses a different task under that id
-            return None
-        await self.create_task(task, owner)
-        return await self.start_task(task.task_id, owner)
+        retried = task.task_id in self._tasks
+        await self.create_task(task, owner)  # refuses a different task under a known id
+        return None if retried else await self.start_task(task.task_id, owner)
 
     async def record_retry(self, task_id: str) -> None:
         record = self._task(task_id)
@@ -483,7 +481,7 @@ class ControlPlane:
                 session.task_ids.pop(task_id, None)
         if now < self._next_session_sweep:
             return
-        self._next_session_sweep = now + min(60.0, self._session_retention_s)
+        self._next_session_sweep = now + min(RETENTION_SWEEP_S, self._session_retention_s)
         before = len(self._sessions)
         for session_id, session in list(self._sessions.items()):
             idle = session.last_active < now - self._session_retention_s

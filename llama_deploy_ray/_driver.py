@@ -235,16 +235,11 @@ class PublishingDriver(TaskDriver):
                 attempts=retries + 1,
                 first_wait_s=self._config.retry_backoff_s,
             )
-        except (RayActorError, ActorUnavailableError) as exc:
+        except (RayActorError, ActorUnavailableError) as exc:  # other errors: see _drive
             return TaskOutcome(
                 error=f"the replica running the task died {sent} times "
                 f"(max_retries={retries}): {exc}",
                 error_type="ReplicaDiedError",
-            )
-        except Exception as exc:
-            return TaskOutcome(
-                error=f"the task could not be delivered to {message.type!r}: {exc}",
-                error_type=type(exc).__name__,
             )
 
     async def check_event(self, service_name: str, event: dict[str, Any]) -> None:
