@@ -113,6 +113,16 @@ class ControlPlaneConfig(BaseSettings):
     max_request_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
+    state_store: str | None = Field(
+        default=None,
+        description=(
+            "Where the control plane keeps its records so they outlive its actor and the Ray "
+            "cluster: a SQLite file path or 'sqlite:///path' (default "
+            "~/.llama-deploy-ray/<namespace>.sqlite3, on the head node), 'redis://host:port/db' "
+            "for a cluster that must outlive its head node (pip install "
+            "'llama-deploy-ray[redis]'), or 'memory' to keep nothing past the actor."
+        ),
+    )
     serve_fast_mode: bool = Field(
         default=True,
         description=(
@@ -128,6 +138,10 @@ class ControlPlaneConfig(BaseSettings):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def state_store_url(self) -> str:
+        return self.state_store or f"~/.llama-deploy-ray/{self.namespace}.sqlite3"
 
     def api_keys(self) -> list[str]:
         """The keys the core accepts, the one the clients send first."""

@@ -11,6 +11,13 @@ blocked by a workflow step (a replica) also beats `heartbeat` from a thread, so 
 never taken for a dead replica. Everything here is in-memory dict work with no awaits in the
 middle of an update, so each method is atomic on the actor's event loop.
 
+Every change is also written through to a state store (see `_store`) before the call that made
+it returns: the changes of one turn of the event loop go in one transaction (group commit),
+and commits are made in order, so a task's outcome and its session's new state are stored
+together before the session's next task can start. A control plane (re)started on a store
+loads what it holds: unfinished tasks go back in their lines, owned by their old drivers, and
+are adopted by the orchestrator if those stay silent.
+
 Calls that wait (a task's turn, result long polls, stream and inbox reads, driver watches) hold
 one of the actor's concurrency slots while they wait; the actor is started with enough slots
 (`ACTOR_MAX_CONCURRENCY`) that waits never starve the short calls. Ray's concurrency
@@ -25,6 +32,8 @@ import contextlib
 import ctypes
 import gc
 import itertools
+import json
+import logging
 import math
 import resource
 import sys
@@ -34,6 +43,7 @@ from typing import Any
 
 from ._config import DRIVER_SILENCE_S, RETENTION_SWEEP_S
 from ._errors import (
+    ControlPlaneUnavailableError,
     InvalidRequestError,
     ServiceConflictError,
     ServiceNotFoundError,
@@ -42,6 +52,17 @@ from ._errors import (
     TaskStateError,
 )
 from ._events import TYPE_KEY, EventBatch, EventLog
+from ._store import (
+    Batch,
+    EventAppend,
+    EventLogName,
+    Records,
+    StoredService,
+    StoredSession,
+    StoredTask,
+    Table,
+    open_store,
+)
 from ._types import (
     DriverNotice,
     ServiceDefinition,
@@ -53,12 +74,16 @@ from ._types import (
     TaskStatus,
 )
 
+logger = logging.getLogger(__name__)
+
 _PairKey = tuple[str, str]
+_Key = tuple[Table, str]
 
 
 class _Session:
-    def __init__(self, definition: SessionDefinition) -> None:
+    def __init__(self, definition: SessionDefinition, order: int) -> None:
         self.definition = definition
+        self.order = order
         self.task_ids: dict[str, None] = {}  # in submission order
         self.state: dict[str, dict[str, Any]] = {}
         self.last_active = time.monotonic()
@@ -77,9 +102,15 @@ class _Driver:
 
 class _Task:
     def __init__(
-        self, definition: TaskDefinition, service_name: str, owner: str, max_events: int
+        self,
+        definition: TaskDefinition,
+        service_name: str,
+        owner: str,
+        max_events: int,
+        order: int,
     ) -> None:
         self.definition = definition
+        self.order = order
         self.owner = owner  # the id of the driver driving it
         self.result = TaskResult(
             task_id=definition.task_id,
@@ -99,6 +130,17 @@ class _Task:
         self.result = self.result.model_copy(update=fields)
         return self.result
 
+    def stored(self) -> StoredTask:
+        return StoredTask(
+            order=self.order,
+            definition=self.definition,
+            result=self.result,
+            owner=self.owner,
+            children=self.children,
+            snapshot=self.snapshot,
+            inbox_seq=self.inbox_seq,
+        )
+
 
 class ControlPlane:
     def __init__(
@@ -107,6 +149,8 @@ class ControlPlane:
         session_retention_s: float,
         state_secret: bytes,
         max_events_per_task: int = 10_000,
+        state_store: str = "memory",
+        namespace: str = "default",
     ) -> None:
         self._task_retention_s = task_retention_s
         self._session_retention_s = session_retention_s
@@ -115,58 +159,82 @@ class ControlPlane:
         # final tasks, oldest first, dropped `task_retention_s` after they ended
         self._finished: deque[tuple[float, str]] = deque()
         self._next_session_sweep = 0.0
-        self._services: dict[str, ServiceDefinition] = {}
-        # event class names a service's workflow accepts from clients (None: not known)
-        self._accepted_events: dict[str, frozenset[str] | None] = {}
+        self._services: dict[str, StoredService] = {}
         self._sessions: dict[str, _Session] = {}
         self._tasks: dict[str, _Task] = {}
+        self._order = itertools.count()  # creation order of sessions and tasks
         # task ids waiting or running, per (session, service), head first
         self._lines: dict[_PairKey, deque[str]] = {}
         self._drivers: dict[str, _Driver] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # write-through: what changed since the last commit, and the commit that will take it
+        self._store = open_store(state_store, namespace)
+        self._dirty: dict[_Key, None] = {}
+        self._appends: list[EventAppend] = []
+        self._next_commit: asyncio.Future[None] | None = None
+        self._writer_wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._commits = self._rows_written = 0
+        if self._store is not None:
+            self._load(self._store.load())
+        self._mark(("meta", "secret"))
 
     async def ready(self) -> bool:
         if self._sweeper is None:
             # retention runs on a timer too, not only when tasks finish: an idle cluster
             # still forgets what it should
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        await self._persist()
         return True
 
     async def state_secret(self) -> bytes:
-        """The key replicas sign pickled workflow state with (see `_state_serializer`)."""
+        """The key replicas sign pickled workflow state with (see `_state_serializer`); it is
+        stored, so state signed before a restart of the cluster still verifies after it."""
+        await self._persist()
         return self._state_secret
 
     # services
 
     async def register_service(
-        self, definition: ServiceDefinition, accepted_events: list[str] | None = None
+        self,
+        definition: ServiceDefinition,
+        accepted_events: list[str] | None = None,
+        deployment: str | None = None,
     ) -> ServiceDefinition:
+        """Register a service; `accepted_events` names the event classes its workflow takes
+        from clients (None: not known), `deployment` is what redeploys it (see `_deploy`)."""
         existing = self._services.get(definition.service_name)
-        if existing is not None and existing != definition:
+        if existing is not None and existing.definition != definition:
             raise ServiceConflictError(
                 f"a different service is already registered as {definition.service_name!r} "
-                f"({existing.model_dump()}); deregister it first or pick another name"
+                f"({existing.definition.model_dump()}); deregister it first or pick another name"
             )
-        self._services[definition.service_name] = definition
-        if accepted_events is not None or definition.service_name not in self._accepted_events:
-            self._accepted_events[definition.service_name] = (
-                None if accepted_events is None else frozenset(accepted_events)
-            )
+        stored = existing or StoredService(definition=definition)
+        if accepted_events is not None:
+            stored.accepted_events = sorted(accepted_events)
+        if deployment is not None:
+            stored.deployment = deployment
+        self._services[definition.service_name] = stored
+        await self._persist(("service", definition.service_name))
         return definition
 
     async def deregister_service(self, service_name: str) -> None:
         if self._services.pop(service_name, None) is None:
             raise ServiceNotFoundError(service_name)
-        self._accepted_events.pop(service_name, None)
+        await self._persist(("service", service_name))
 
     async def get_service(self, service_name: str) -> ServiceDefinition:
         try:
-            return self._services[service_name]
+            return self._services[service_name].definition
         except KeyError:
             raise ServiceNotFoundError(service_name) from None
 
     async def list_services(self) -> list[ServiceDefinition]:
-        return list(self._services.values())
+        return [s.definition for s in self._services.values()]
+
+    async def deployments(self) -> dict[str, str]:
+        """What redeploys each service, by name, for those registered with one."""
+        return {n: s.deployment for n, s in self._services.items() if s.deployment is not None}
 
     # sessions
 
@@ -176,7 +244,8 @@ class ControlPlane:
                 f"session {session_id!r} already exists; use get_or_create_session to reuse it"
             )
         definition = SessionDefinition(session_id=session_id) if session_id else SessionDefinition()
-        self._sessions[definition.session_id] = _Session(definition)
+        self._sessions[definition.session_id] = _Session(definition, next(self._order))
+        await self._persist(("session", definition.session_id))
         return definition
 
     async def get_or_create_session(self, session_id: str) -> SessionDefinition:
@@ -197,10 +266,14 @@ class ControlPlane:
     async def delete_session(self, session_id: str) -> None:
         session = self._session(session_id)
         del self._sessions[session_id]
+        changed: list[_Key] = [("session", session_id)]
+        changed += [("state", _state_key(session_id, s)) for s in session.state]
         for task_id in session.task_ids:
             task = self._tasks.get(task_id)
             if task is not None and task.result.status.is_final:
                 del self._tasks[task_id]
+                changed.append(("task", task_id))
+        await self._persist(*changed)
 
     async def sizes(self) -> dict[str, int]:
         """How much the control plane holds (for monitoring and the benchmarks)."""
@@ -211,6 +284,8 @@ class ControlPlane:
             "finished_tasks": len(self._finished),
             "drivers": len(self._drivers),
             "rss_bytes": _rss_bytes(),
+            "store_commits": self._commits,
+            "store_rows_written": self._rows_written,
         }
 
     async def get_session_state(self, session_id: str) -> dict[str, dict[str, Any]]:
@@ -225,6 +300,11 @@ class ControlPlane:
         A task whose id this session already has is not created again: its existing record is
         returned, so a client that retries after a timeout or a cut connection never runs the
         work twice."""
+        record = self._create_task(task, owner)
+        await self._persist(("task", task.task_id))
+        return record.result
+
+    def _create_task(self, task: TaskDefinition, owner: str) -> _Task:
         service_name = task.agent_id
         if not service_name:
             raise InvalidRequestError("the task names no service: set agent_id")
@@ -236,7 +316,7 @@ class ControlPlane:
                     f"a different task with id {task.task_id!r} already exists; a task id "
                     "names one task: leave it out to get a new one"
                 )
-            return existing.result
+            return existing
         if service_name not in self._services:
             raise ServiceNotFoundError(service_name)
         parent = None
@@ -247,11 +327,12 @@ class ControlPlane:
                     f"parent task {task.parent_task_id!r} is not a task of session "
                     f"{session.definition.session_id!r}"
                 )
-        record = _Task(task, service_name, owner, self._max_events)
+        record = _Task(task, service_name, owner, self._max_events, next(self._order))
         self._heard_from(owner)
         record.update(parent_task_id=task.parent_task_id)
         if parent is not None:
             parent.children.append(task.task_id)
+            self._mark(("task", parent.definition.task_id))
         self._tasks[task.task_id] = record
         session.task_ids[task.task_id] = None
         session.last_active = time.monotonic()
@@ -259,7 +340,7 @@ class ControlPlane:
         line.append(task.task_id)
         if len(line) == 1:
             record.turn.set()
-        return record.result
+        return record
 
     async def start_task(self, task_id: str, owner: str) -> StartedTask | None:
         """Wait for the task's turn, mark it running (driven by `owner`) and return the state
@@ -267,6 +348,29 @@ class ControlPlane:
         task runs once at a time: only its owner, or the driver that adopted it, starts it)."""
         record = self._task(task_id)
         await record.turn.wait()
+        started = self._start(record, owner)
+        await self._persist(("task", task_id))
+        return started
+
+    async def begin_task(
+        self, task: TaskDefinition, owner: str, resent: bool = False
+    ) -> StartedTask | None:
+        """`create_task` then `start_task`, in one call (and one commit, when the task's turn
+        has come); None for a task that already existed (a client's retry: the first
+        request's driver runs it). `resent` says the driver sends this call again because it
+        got no answer (the control plane restarted): the task it may have begun is its own."""
+        existing = self._tasks.get(task.task_id)
+        record = self._create_task(task, owner)  # refuses a different task under a known id
+        if existing is not None and not (resent and existing.owner == owner):
+            return None
+        if not record.turn.is_set():
+            await self._persist(("task", task.task_id))
+            await record.turn.wait()
+        started = self._start(record, owner)
+        await self._persist(("task", task.task_id))
+        return started
+
+    def _start(self, record: _Task, owner: str) -> StartedTask | None:
         if record.result.status.is_final or record.owner != owner:
             return None
         record.update(status=TaskStatus.RUNNING, attempts=record.result.attempts + 1)
@@ -274,29 +378,23 @@ class ControlPlane:
         state = session.state.get(record.result.service_name or "") if session else None
         return StartedTask(task=record.definition, running=record.result, state=state)
 
-    async def begin_task(self, task: TaskDefinition, owner: str) -> StartedTask | None:
-        """`create_task` then `start_task`, in one call; None for a task that already existed
-        (a client's retry: the first request's driver runs it)."""
-        retried = task.task_id in self._tasks
-        await self.create_task(task, owner)  # refuses a different task under a known id
-        return None if retried else await self.start_task(task.task_id, owner)
-
     async def record_retry(self, task_id: str) -> None:
         record = self._task(task_id)
         record.update(attempts=record.result.attempts + 1)
+        await self._persist(("task", task_id))
 
     async def park_task(self, task_id: str, outcome: TaskOutcome) -> StartedTask | None:
         """The task waits for input: keep its snapshot, free its replica. If an event
         arrived while it was being parked, return it to be resumed at once."""
         record = self._task(task_id)
-        if record.result.status.is_final:
-            return None
+        if record.result.status.is_final or record.result.status is TaskStatus.WAITING:
+            return None  # a park sent again after it was recorded
         self._append_events(record, outcome.events)
         record.snapshot, record.inbox_seq = outcome.snapshot, outcome.inbox_seq
         record.update(status=TaskStatus.WAITING)
-        if len(record.inbox) > record.inbox_seq:
-            return self._resume(record)
-        return None
+        started = self._resume(record) if len(record.inbox) > record.inbox_seq else None
+        await self._persist(("task", task_id))
+        return started
 
     async def deliver_event(
         self, session_id: str, task_id: str, service_name: str, event: dict[str, Any], owner: str
@@ -313,17 +411,20 @@ class ControlPlane:
             raise TaskStateError(
                 f"task {task_id} is {record.result.status.value}: it takes no more events"
             )
-        accepted = self._accepted_events.get(service_name)
+        service = self._services.get(service_name)
+        accepted = service.accepted_events if service is not None else None
         if accepted is not None and event.get(TYPE_KEY) not in accepted:
             raise InvalidRequestError(
                 f"service {service_name!r} accepts no event of type {event.get(TYPE_KEY)!r}; "
-                f"it accepts {sorted(accepted)}"
+                f"it accepts {accepted}"
             )
-        record.inbox.extend([event])
+        self._extend(record, "inbox", [event])
+        started = None
         if record.result.status is TaskStatus.WAITING:
             record.owner = owner
-            return self._resume(record)
-        return None
+            started = self._resume(record)
+        await self._persist(("task", task_id))
+        return started
 
     async def read_inbox(self, task_id: str, after: int, wait_s: float) -> EventBatch:
         return await self._task(task_id).inbox.read(after, wait_s)
@@ -331,6 +432,7 @@ class ControlPlane:
     async def append_events(self, task_id: str, events: list[dict[str, Any]]) -> None:
         """Add what the task's workflow streamed; a nested task's events reach its parents."""
         self._append_events(self._task(task_id), events)
+        await self._persist()
 
     async def read_events(
         self, session_id: str, task_id: str, after: int, wait_s: float
@@ -344,6 +446,7 @@ class ControlPlane:
         if record.result.status.is_final:
             raise TaskStateError(f"task {task_id} is already {record.result.status.value}")
         todo = [record]
+        changed: list[_Key] = []
         while todo:
             task = todo.pop()
             todo.extend(self._tasks[c] for c in task.children if c in self._tasks)
@@ -353,30 +456,43 @@ class ControlPlane:
                 driver.wake.set()
             if not task.result.status.is_final:
                 self._close(task, status=TaskStatus.CANCELLED, error="cancelled by a client")
+                changed.append(("task", task.definition.task_id))
+        await self._persist(*changed)
         return record.result
 
     async def finish_task(self, task_id: str, outcome: TaskOutcome) -> TaskResult:
-        """Record the task's outcome and state, then let the next task in its line start."""
-        record = self._task(task_id)
-        if record.result.status.is_final:  # cancelled while it ran
-            return record.result
-        self._append_events(record, outcome.events)
-        session = self._sessions.get(record.definition.session_id or "")
-        if session is not None and outcome.state is not None:
-            session.state[record.result.service_name or ""] = outcome.state
-        self._close(record, **outcome.final_fields())
+        """Record the task's outcome and state (stored together), then let the next task in
+        its line start. An outcome for a task already final (cancelled while it ran, or sent
+        again by a replica's retry) is ignored."""
+        record = self._finish(task_id, outcome)
+        await self._persist()
         return record.result
 
     async def finish_tasks(self, outcomes: dict[str, TaskOutcome]) -> list[str]:
-        """`finish_task` for each task, in one call; returns what could not be recorded (a
-        task this control plane does not know: it restarted since)."""
+        """`finish_task` for each task, in one call and one commit; returns what could not be
+        recorded (a task this control plane does not know: it was forgotten since)."""
         problems = []
         for task_id, outcome in outcomes.items():
             try:
-                await self.finish_task(task_id, outcome)
+                self._finish(task_id, outcome)
             except TaskNotFoundError as exc:
                 problems.append(f"task {task_id}: {exc}")
+        await self._persist()
         return problems
+
+    def _finish(self, task_id: str, outcome: TaskOutcome) -> _Task:
+        record = self._task(task_id)
+        if record.result.status.is_final:
+            return record
+        self._append_events(record, outcome.events)
+        session_id, service_name = record.definition.session_id or "", record.result.service_name
+        session = self._sessions.get(session_id)
+        if session is not None and outcome.state is not None:
+            session.state[service_name or ""] = outcome.state
+            self._mark(("state", _state_key(session_id, service_name or "")))
+        self._close(record, **outcome.final_fields())
+        self._mark(("task", task_id))
+        return record
 
     async def get_task(self, session_id: str, task_id: str, wait_s: float = 0.0) -> TaskResult:
         """The task's result; with `wait_s`, first wait up to that long for it to finish."""
@@ -426,14 +542,162 @@ class ControlPlane:
         cancelled, driver.cancelled = driver.cancelled, []
         driver.wake.clear()
         orphaned = self._adopt_orphans(driver_id) if adopt_orphans else []
+        await self._persist(*(("task", t) for t in orphaned))
         return DriverNotice(cancelled=cancelled, orphaned=orphaned)
+
+    # the store
+
+    def _mark(self, *keys: _Key) -> asyncio.Future[None] | None:
+        """Note records changed; they go to the store in the next commit, which is returned."""
+        if self._store is None:
+            return None
+        self._dirty.update(dict.fromkeys(keys))
+        if self._next_commit is None:
+            loop = asyncio.get_running_loop()
+            self._next_commit = loop.create_future()
+            if self._writer is None:
+                self._writer = loop.create_task(self._write_forever())
+            self._writer_wake.set()
+        return self._next_commit
+
+    async def _persist(self, *keys: _Key) -> None:
+        """Note records changed and return once they (and the event appends before them) are
+        committed. A caller cancelled meanwhile leaves the commit to go on for the others."""
+        commit = self._mark(*keys)
+        if commit is not None:
+            await asyncio.shield(commit)
+
+    async def _write_forever(self) -> None:
+        assert self._store is not None
+        while True:
+            await self._writer_wake.wait()
+            self._writer_wake.clear()
+            # what changed until now goes in this commit; later changes wait for the next
+            commit, self._next_commit = self._next_commit, None
+            batch = self._batch()
+            try:
+                await self._store.write(batch)
+            except Exception as exc:
+                logger.exception("the state store could not commit %d changes", len(batch))
+                if commit is not None:
+                    commit.set_exception(
+                        ControlPlaneUnavailableError(
+                            f"the control plane could not store a change ({exc}); it is kept "
+                            "in memory and stored with the next change that commits: check "
+                            "the state store, then retry"
+                        )
+                    )
+                    commit.exception()  # retrieved: a caller may have gone
+                continue
+            self._commits += 1
+            self._rows_written += len(batch)
+            if commit is not None:
+                commit.set_result(None)
+
+    def _batch(self) -> Batch:
+        batch = Batch(events=self._appends)
+        dirty, self._dirty, self._appends = self._dirty, {}, []
+        for table, key in dirty:
+            value = self._stored(table, key)
+            if value is None:
+                batch.deletes.append((table, key))
+            else:
+                batch.puts.append((table, key, value))
+        return batch
+
+    def _stored(self, table: Table, key: str) -> str | None:
+        """The record as the store keeps it, JSON; None when it is gone."""
+        if table == "task":
+            task = self._tasks.get(key)
+            return task.stored().model_dump_json() if task else None
+        if table == "session":
+            session = self._sessions.get(key)
+            if session is None:
+                return None
+            return StoredSession(
+                order=session.order, definition=session.definition
+            ).model_dump_json()
+        if table == "state":
+            session_id, service_name = key.split("/", 1)
+            session = self._sessions.get(session_id)
+            state = session.state.get(service_name) if session else None
+            return None if state is None else json.dumps(state)
+        if table == "service":
+            service = self._services.get(key)
+            return service.model_dump_json() if service else None
+        return self._state_secret.hex()  # meta: the one key is the secret
+
+    def _load(self, records: Records) -> None:
+        """Take back what the store holds (see the module's docstring)."""
+        tables, now, wall = records.tables, time.monotonic(), time.time()
+        if "secret" in tables["meta"]:
+            self._state_secret = bytes.fromhex(tables["meta"]["secret"])
+        for name, text in tables["service"].items():
+            self._services[name] = StoredService.model_validate_json(text)
+        sessions = sorted(
+            map(StoredSession.model_validate_json, tables["session"].values()), key=_order
+        )
+        for stored_session in sessions:
+            session_id = stored_session.definition.session_id
+            self._sessions[session_id] = _Session(stored_session.definition, stored_session.order)
+        for key, text in tables["state"].items():
+            session_id, service_name = key.split("/", 1)
+            if session_id in self._sessions:
+                self._sessions[session_id].state[service_name] = json.loads(text)
+        finished = []
+        for stored in sorted(
+            map(StoredTask.model_validate_json, tables["task"].values()), key=_order
+        ):
+            task_id = stored.definition.task_id
+            record = _Task(
+                stored.definition,
+                stored.result.service_name or "",
+                stored.owner,
+                self._max_events,
+                stored.order,
+            )
+            record.result, record.children = stored.result, stored.children
+            record.snapshot, record.inbox_seq = stored.snapshot, stored.inbox_seq
+            final = stored.result.status.is_final
+            record.stream.restore(records.events.get((task_id, "stream"), []), closed=final)
+            record.inbox.restore(records.events.get((task_id, "inbox"), []), closed=final)
+            self._tasks[task_id] = record
+            session = self._sessions.get(stored.definition.session_id or "")
+            if session is not None:
+                session.task_ids[task_id] = None
+            if final:
+                record.done.set()
+                record.turn.set()
+                ended = now - (wall - (stored.result.finished_at or wall))
+                finished.append((ended, task_id))
+            else:
+                line = (stored.definition.session_id or "", record.result.service_name or "")
+                self._lines.setdefault(line, deque()).append(task_id)
+                # its driver may live on (a replica still running it): give it the time any
+                # driver has to be heard from before its tasks are adopted
+                self._heard_from(stored.owner)
+        for waiting in self._lines.values():
+            self._tasks[waiting[0]].turn.set()
+        self._finished = deque(sorted(finished))
+        orders = [s.order for s in self._sessions.values()] + [
+            t.order for t in self._tasks.values()
+        ]
+        self._order = itertools.count(max(orders, default=-1) + 1)
 
     # helpers
 
     def _append_events(self, record: _Task | None, events: list[dict[str, Any]]) -> None:
         while record is not None and events:
-            record.stream.extend(events)
+            self._extend(record, "stream", events)
             record = self._tasks.get(record.definition.parent_task_id or "")
+
+    def _extend(self, record: _Task, name: EventLogName, events: list[dict[str, Any]]) -> None:
+        log = record.stream if name == "stream" else record.inbox
+        added = log.extend(events)
+        if self._store is not None and added:
+            self._appends.append(
+                EventAppend(record.definition.task_id, name, added, log.first_kept)
+            )
 
     def _heard_from(self, driver_id: str) -> _Driver:
         driver = self._drivers.get(driver_id)
@@ -476,6 +740,7 @@ class ControlPlane:
         while self._finished and self._finished[0][0] < now - self._task_retention_s:
             _, task_id = self._finished.popleft()
             record = self._tasks.pop(task_id, None)
+            self._mark(("task", task_id))
             session = self._sessions.get(record.definition.session_id or "") if record else None
             if session is not None:
                 session.task_ids.pop(task_id, None)
@@ -487,6 +752,8 @@ class ControlPlane:
             idle = session.last_active < now - self._session_retention_s
             if idle and all(t not in self._tasks for t in session.task_ids):
                 del self._sessions[session_id]
+                self._mark(("session", session_id))
+                self._mark(*(("state", _state_key(session_id, s)) for s in session.state))
         if len(self._sessions) < before:
             _release_memory()
 
@@ -543,6 +810,14 @@ class ControlPlane:
             return self._tasks[task_id]
         except KeyError:
             raise TaskNotFoundError(task_id) from None
+
+
+def _state_key(session_id: str, service_name: str) -> str:
+    return f"{session_id}/{service_name}"
+
+
+def _order(stored: StoredSession | StoredTask) -> int:
+    return stored.order
 
 
 def _rss_bytes() -> int:

@@ -11,6 +11,7 @@ import socket
 from typing import Any
 
 import ray
+from pydantic import BaseModel
 from ray import serve
 from workflows import Workflow
 
@@ -31,7 +32,7 @@ from ._errors import ControlPlaneUnavailableError, InvalidRequestError
 from ._events import accepted_events
 from ._guard import publish_guard
 from ._orchestrator import SimpleOrchestrator
-from ._packaging import pack_workflow
+from ._packaging import PackedWorkflow, pack_workflow
 from ._service import WorkflowService
 from ._types import ServiceDefinition
 
@@ -40,6 +41,16 @@ logger = logging.getLogger(__name__)
 # A log line per request per hop costs more than the hop itself on a small machine; errors and
 # replica events are still logged.
 _QUIET_ACCESS_LOG = {"enable_access_log": False}
+# Ray's resource that only the head node has: the core's actors live there, as Serve's
+# controller does, so the control plane's SQLite file is always on the same machine.
+_HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+class ServiceDeployment(BaseModel):
+    """What the control plane stores to deploy a service again after a cluster restart."""
+
+    workflow: PackedWorkflow
+    config: WorkflowServiceConfig
 
 
 async def deploy_core(
@@ -70,6 +81,9 @@ async def deploy_core(
         )
     started_ray = _connect(config, start_if_missing=True)
     await asyncio.to_thread(_start_core, config, orchestrator_config)
+    # services come back before the API answers, so the first client finds them
+    await _redeploy_stored_services(config)
+    await asyncio.to_thread(_start_api, config)
     if started_ray:
         # Serve's HAProxy is a child process that outlives a Ray stopped from under it and
         # keeps the port: stop Serve first, at exit (Ray's own exit handler runs after this).
@@ -106,11 +120,23 @@ async def deploy_workflow(
     existing = {s.service_name: s for s in await control_plane.list_services.remote()}
     if existing.get(definition.service_name, definition) != definition:
         await control_plane.register_service.remote(definition)  # raises ServiceConflictError
+    await _run_service(ServiceDeployment(workflow=packed, config=workflow_config), config)
+    events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
+    stored = ServiceDeployment(workflow=packed, config=workflow_config).model_dump_json()
+    return await control_plane.register_service.remote(definition, events, stored)
+
+
+async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -> None:
+    """Run the service's Serve application; returns once its replicas run."""
+    workflow_config = service.config
     _warn_if_it_cannot_fit(workflow_config)
     # serve.deployment made the class a Deployment (Ray's type hints keep the class)
     deployment: Any = WorkflowService
     application = deployment.options(**workflow_config.deployment_options()).bind(
-        packed, workflow_config.service_name, config.namespace, workflow_config.input_hold_s
+        service.workflow,
+        workflow_config.service_name,
+        config.namespace,
+        workflow_config.input_hold_s,
     )
     await asyncio.to_thread(
         serve.run,
@@ -119,8 +145,26 @@ async def deploy_workflow(
         route_prefix=workflow_route(workflow_config.service_name),
         logging_config=_QUIET_ACCESS_LOG,
     )
-    events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
-    return await control_plane.register_service.remote(definition, events)
+
+
+async def _redeploy_stored_services(config: ControlPlaneConfig) -> None:
+    """After a cluster restart the store still lists services that no longer run: run them
+    again from what was stored, so their sessions go on without a redeploy by hand."""
+    control_plane = _control_plane_actor(config)
+    stored: dict[str, str] = await control_plane.deployments.remote()
+    running = set((await asyncio.to_thread(serve.status)).applications)
+    for name in sorted(stored.keys() - running):
+        logger.info("redeploying service %r from the state store", name)
+        try:
+            await _run_service(ServiceDeployment.model_validate_json(stored[name]), config)
+        except Exception:
+            # one service that cannot come back (a workflow module gone) must not keep the
+            # core and the other services down
+            logger.exception(
+                "service %r could not be redeployed from the state store; deploy it again "
+                "with deploy_workflow, or deregister it",
+                name,
+            )
 
 
 def _warn_if_it_cannot_fit(config: WorkflowServiceConfig) -> None:
@@ -187,41 +231,43 @@ def _check_ports_are_free(config: ControlPlaneConfig) -> None:
                 ) from exc
 
 
+def _core_actor_options(name: str, namespace: str) -> dict[str, Any]:
+    """One detached, restarting actor of the core, on the head node."""
+    return {
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "max_restarts": -1,
+        "max_concurrency": ACTOR_MAX_CONCURRENCY,
+        "num_cpus": 0,
+        "resources": {_HEAD_NODE_RESOURCE: 0.001},
+    }
+
+
 def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestratorConfig) -> None:
     publish_guard(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     # actor handles: Ray's type hints do not know the methods' `.remote`
     control_plane: Any = (
         ray.remote(ControlPlane)
-        .options(
-            name=CONTROL_PLANE_ACTOR_NAME,
-            namespace=config.namespace,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            max_concurrency=ACTOR_MAX_CONCURRENCY,
-            num_cpus=0,
-        )
+        .options(**_core_actor_options(CONTROL_PLANE_ACTOR_NAME, config.namespace))
         .remote(
             config.task_retention_s,
             config.session_retention_s,
-            # kept with the actor: a restarted control plane gets the same
+            # used unless the state store already holds one, and stored
             secrets.token_bytes(32),
             config.max_events_per_task,
+            config.state_store_url,
+            config.namespace,
         )
     )
     ray.get(control_plane.ready.remote())
     orchestrator: Any = (
         ray.remote(SimpleOrchestrator)
         .options(
-            name=ORCHESTRATOR_ACTOR_NAME,
-            namespace=config.namespace,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
+            **_core_actor_options(ORCHESTRATOR_ACTOR_NAME, config.namespace),
             max_task_retries=0,
-            max_concurrency=ACTOR_MAX_CONCURRENCY,
-            num_cpus=0,
             # route Serve handle calls on the orchestrator's own event loop rather than a
             # router thread: one cross-thread hop less per task
             runtime_env={"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}},
@@ -229,6 +275,9 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
         .remote(orchestrator_config, config.namespace)
     )
     ray.get(orchestrator.ready.remote())
+
+
+def _start_api(config: ControlPlaneConfig) -> None:
     api: Any = ControlPlaneAPI
     serve.run(
         api.bind(config.namespace),

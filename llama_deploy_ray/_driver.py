@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ._config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
 from ._message_queue import RayMessageQueue
-from ._retry import call_retrying, retrying
+from ._retry import actor_unreachable, call_actor, call_retrying, retrying
 from ._types import (
     DriverNotice,
     QueueMessage,
@@ -45,11 +46,6 @@ from ._types import (
 logger = logging.getLogger(__name__)
 
 _CANCELLED = TaskOutcome(error="cancelled by a client", error_type="TaskCancelledError")
-
-
-def _actor_unreachable(exc: BaseException) -> bool:
-    """A call on an actor that died or restarts: the same call may succeed if sent again."""
-    return isinstance(exc, (RayActorError, ActorUnavailableError))
 
 
 class _Cancellable(Protocol):
@@ -90,7 +86,9 @@ class TaskDriver:
     async def submit(self, task: TaskDefinition) -> TaskResult:
         """Record `task`, drive it in the background and return its pending result."""
         self.start()
-        pending: TaskResult = await self._control_plane.create_task.remote(task, self.driver_id)
+        pending: TaskResult = await call_actor(
+            lambda: self._control_plane.create_task.remote(task, self.driver_id)
+        )
         self.in_background(self._start_and_drive(task.task_id))
         return pending
 
@@ -117,16 +115,26 @@ class TaskDriver:
         raise NotImplementedError
 
     async def _run(self, task: TaskDefinition) -> TaskResult:
+        sent = 0
+
+        def begin() -> Awaitable[StartedTask | None]:
+            nonlocal sent
+            sent += 1
+            return self._control_plane.begin_task.remote(task, self.driver_id, sent > 1)
+
         with self._driving(task.task_id):
-            started = await self._control_plane.begin_task.remote(task, self.driver_id)
-            result = await self._drive(started, task.task_id)
+            result = await self._drive(await call_actor(begin), task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run
-            result = await self._control_plane.get_task.remote(task.session_id, task.task_id)
+            return await call_actor(
+                lambda: self._control_plane.get_task.remote(task.session_id, task.task_id)
+            )
         return result
 
     async def _start_and_drive(self, task_id: str) -> None:
         with self._driving(task_id):
-            started = await self._control_plane.start_task.remote(task_id, self.driver_id)
+            started = await call_actor(
+                lambda: self._control_plane.start_task.remote(task_id, self.driver_id)
+            )
             await self._drive(started, task_id)
 
     async def _resume(self, started: StartedTask) -> None:
@@ -149,12 +157,15 @@ class TaskDriver:
                     )
             if outcome.snapshot is None:
                 return await self._finish(started, outcome)
-            started = await self._control_plane.park_task.remote(task_id, outcome)
+            started = await call_actor(
+                functools.partial(self._control_plane.park_task.remote, task_id, outcome)
+            )
         return None
 
     async def _finish(self, started: StartedTask, outcome: TaskOutcome) -> TaskResult:
         """Record the task's final outcome and return its result."""
-        return await self._control_plane.finish_task.remote(started.task.task_id, outcome)
+        task_id = started.task.task_id
+        return await call_actor(lambda: self._control_plane.finish_task.remote(task_id, outcome))
 
     @contextlib.contextmanager
     def _driving(self, task_id: str) -> Iterator[None]:
@@ -182,7 +193,7 @@ class TaskDriver:
 
         while True:
             try:  # the control plane restarts: watch again
-                notice: DriverNotice = await retrying(_actor_unreachable)(watch)
+                notice: DriverNotice = await retrying(actor_unreachable)(watch)
             except Exception:  # a watch that stops would strand cancels and orphans
                 logger.exception("driver %s: the watch failed; watching again", self.driver_id)
                 await asyncio.sleep(DRIVER_WATCH_S)
@@ -222,7 +233,7 @@ class PublishingDriver(TaskDriver):
             nonlocal sent
             if sent:
                 logger.warning("task %s: its replica died, sending it again", task_id)
-                await self._control_plane.record_retry.remote(task_id)
+                await call_actor(lambda: self._control_plane.record_retry.remote(task_id))
                 if task_id in self._cancelled:
                     return _CANCELLED
             sent += 1
@@ -231,7 +242,7 @@ class PublishingDriver(TaskDriver):
         try:
             return await call_retrying(
                 publish,
-                _actor_unreachable,
+                actor_unreachable,
                 attempts=retries + 1,
                 first_wait_s=self._config.retry_backoff_s,
             )
@@ -323,7 +334,7 @@ class LocalDriver(TaskDriver):
             return await call  # unreachable (it restarts): the policy sends it again
 
         try:
-            problems = await call_retrying(record, _actor_unreachable, budget_s=RECORD_BUDGET_S)
+            problems = await call_retrying(record, actor_unreachable, budget_s=RECORD_BUDGET_S)
         except Exception as exc:  # refused, or unreachable for the whole budget
             logger.error("the control plane did not record %d outcomes: %s", len(batch), exc)
             return

@@ -88,19 +88,34 @@ class EventLog:
         """The sequence number of the last event."""
         return self._dropped + len(self._events)
 
-    def extend(self, events: Iterable[dict[str, Any]]) -> None:
+    @property
+    def first_kept(self) -> int:
+        """The sequence number of the oldest event still kept."""
+        return self._dropped + 1
+
+    def restore(self, events: list[dict[str, Any]], closed: bool) -> None:
+        """Take back the events (sequence numbers included) that a log kept before."""
+        self._events = deque(events[-self._max_events :])
+        self._dropped = self._events[0][SEQ_KEY] - 1 if self._events else 0
+        self.closed = closed
+
+    def extend(self, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add `events`; returns them as kept, with their sequence numbers."""
         events = list(events)
         if self._full == "refuse" and len(self._events) + len(events) > self._max_events:
             raise InvalidRequestError(
                 f"the task was already sent {len(self._events)} events, the most one task "
                 f"takes ({self._max_events}); cancel it and start another"
             )
+        added = []
         for event in events:
-            self._events.append({**event, SEQ_KEY: len(self) + 1})
+            added.append({**event, SEQ_KEY: len(self) + 1})
+            self._events.append(added[-1])
         while len(self._events) > self._max_events:
             self._events.popleft()
             self._dropped += 1
         self._notify()
+        return added
 
     def close(self) -> None:
         self.closed = True

@@ -9,12 +9,14 @@ that died mid-run, an earlier incarnation of this actor), which it adopts within
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ray
 
 from ._config import CONTROL_PLANE_ACTOR_NAME, MAX_WAIT_S, SimpleOrchestratorConfig
 from ._driver import PublishingDriver
+from ._retry import call_actor
 from ._types import TaskDefinition, TaskResult
 
 
@@ -34,8 +36,10 @@ class SimpleOrchestrator:
         `MAX_WAIT_S` (the caller waits on; every wait here is bounded)."""
         result = await self._driver.run(task)
         if not result.status.is_final:  # parked: wait here, where it holds no replica slot
-            result = await self._control_plane.get_task.remote(
-                task.session_id, task.task_id, MAX_WAIT_S
+            result = await call_actor(
+                functools.partial(
+                    self._control_plane.get_task.remote, task.session_id, task.task_id, MAX_WAIT_S
+                )
             )
         return result
 

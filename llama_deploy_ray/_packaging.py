@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 import cloudpickle
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from workflows import Workflow
 
 from ._errors import InvalidRequestError
@@ -25,6 +25,9 @@ from ._workflows_internals import FRAMEWORK_ATTRS, init_options
 
 class PackedWorkflow(BaseModel):
     """A workflow ready to cross to a replica: an import path, or a pickled class and state."""
+
+    # stored as JSON by the control plane (see `_deploy.ServiceDeployment`)
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
     import_path: str | None = None
     payload: bytes | None = None

@@ -15,6 +15,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ray.exceptions import ActorUnavailableError, RayActorError
 from tenacity import (
     AsyncRetrying,
     Retrying,
@@ -26,10 +27,17 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from ._config import RECORD_BUDGET_S
+
 T = TypeVar("T")
 
 FIRST_WAIT_S = 0.1
 MAX_WAIT_S = 2.0
+
+
+def actor_unreachable(exc: BaseException) -> bool:
+    """A call on an actor that died or restarts: the same call may succeed if sent again."""
+    return isinstance(exc, (RayActorError, ActorUnavailableError))
 
 
 def _policy(
@@ -106,3 +114,13 @@ def call_retrying_sync(
         if not retry_on(exc):
             raise
     return retrying_sync(retry_on, budget_s=budget_s)(fn)
+
+
+async def call_actor(call: Callable[[], Awaitable[T]], budget_s: float = RECORD_BUDGET_S) -> T:
+    """`call()` on one of the core's actors, sent again while the actor restarts (for calls
+    that are safe to repeat); `call` returns the call's ref, e.g. `partial(a.f.remote, x)`."""
+
+    async def attempt() -> T:  # tenacity awaits coroutine functions only
+        return await call()
+
+    return await call_retrying(attempt, actor_unreachable, budget_s=budget_s)

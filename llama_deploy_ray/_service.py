@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from typing import Any, cast
@@ -50,6 +51,7 @@ from ._errors import (
 from ._events import SEQ_KEY, accepted_events, event_from_dict, event_to_dict
 from ._guard import RequestGuard
 from ._packaging import PackedWorkflow, unpack_workflow
+from ._retry import call_actor
 from ._state_serializer import SignedStateSerializer
 from ._types import QueueMessage, StartedTask, TaskDefinition, TaskOutcome
 from ._workflows_internals import with_fresh_run_clock
@@ -234,7 +236,11 @@ class _TaskRun:
         # one batch in flight at a time: what arrives meanwhile goes in the next batch
         while self._buffer and not self._ending:
             batch, self._buffer = self._buffer, []
-            await self._service._control_plane.append_events.remote(self._task_id, batch)
+            await call_actor(
+                functools.partial(
+                    self._service._control_plane.append_events.remote, self._task_id, batch
+                )
+            )
 
     # the inbox
 
@@ -245,8 +251,13 @@ class _TaskRun:
     async def _listen(self) -> None:
         service = self._service
         while True:
-            batch = await service._control_plane.read_inbox.remote(
-                self._task_id, self._inbox_seq, service._input_hold_s
+            batch = await call_actor(
+                functools.partial(
+                    service._control_plane.read_inbox.remote,
+                    self._task_id,
+                    self._inbox_seq,
+                    service._input_hold_s,
+                )
             )
             for data in batch.events:
                 self._inbox_seq = data[SEQ_KEY]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import psutil
 import pytest
 import pytest_asyncio
 import ray
@@ -55,11 +56,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def core_env() -> dict[str, str]:
+def core_env(tmp_path_factory) -> dict[str, str]:
     """The environment that points the seed's scripts at this run's control plane."""
     env = {
         **os.environ,
         "CONTROL_PLANE_PORT": str(_free_port()),
+        # this run's own records, not those of the user's own local core
+        "CONTROL_PLANE_STATE_STORE": str(tmp_path_factory.mktemp("store") / "state.sqlite3"),
         # small enough that a test can stream past it
         "CONTROL_PLANE_MAX_EVENTS_PER_TASK": str(MAX_EVENTS_PER_TASK),
         "PYTHONUNBUFFERED": "1",
@@ -68,41 +71,86 @@ def core_env() -> dict[str, str]:
     return env
 
 
+class Core:
+    """A core started the seed's way: the quickstart's core.py in a process of its own, which
+    starts the local Ray it lives with; stopping it stops that Ray."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(QUICKSTART / "core.py")],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.config = ControlPlaneConfig(
+            port=int(env["CONTROL_PLANE_PORT"]), state_store=env["CONTROL_PLANE_STATE_STORE"]
+        )
+        deadline = time.monotonic() + 180
+        while not self._answers():
+            if self.process.poll() is not None:
+                pytest.fail(f"core.py exited with {self.process.returncode}:\n{self._tail()}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                pytest.fail(f"the core did not come up in 180 s:\n{self._tail()}")
+            time.sleep(0.5)
+        ray.init(address="auto", namespace=self.config.namespace)
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.config.url}/queue_config", timeout=2).is_success
+        except httpx.TransportError:
+            return False
+
+    def _tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
+    def crash(self) -> None:
+        """Stop its Ray the hard way (`ray stop --force`: no replica drains), then the core."""
+        ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], check=True, capture_output=True, timeout=120)
+        self.process.kill()
+        self.process.wait()
+        # Serve's HAProxy outlives a Ray stopped under it and keeps its ports (see _deploy)
+        for process in psutil.process_iter(["name"]):
+            if process.info["name"] == "haproxy":
+                process.kill()
+
+    def stop(self) -> None:
+        ray.shutdown()
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_shared_cores: list[Core] = []
+
+
+def stop_shared_core() -> None:
+    """For tests that need a Ray of their own: the shared core's Ray must be gone first (the
+    modules that call this run last, see `pytest_collection_modifyitems`)."""
+    while _shared_cores:
+        _shared_cores.pop().stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
 @pytest.fixture(scope="session")
 def control_plane_config(
     core_env: dict[str, str], tmp_path_factory
 ) -> Iterator[ControlPlaneConfig]:
-    log = tmp_path_factory.mktemp("core") / "core.log"
-    with open(log, "w") as out:
-        core = subprocess.Popen(
-            [sys.executable, str(QUICKSTART / "core.py")],
-            env=core_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    config = ControlPlaneConfig(port=int(core_env["CONTROL_PLANE_PORT"]))
-    deadline = time.monotonic() + 180
-    while True:
-        if core.poll() is not None:
-            pytest.fail(f"core.py exited with {core.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{config.url}/queue_config", timeout=2).is_success:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            core.kill()
-            pytest.fail(f"the core did not come up in 180 s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-    ray.init(address="auto", namespace=config.namespace)
-    yield config
-    ray.shutdown()
-    core.send_signal(signal.SIGINT)
-    try:
-        core.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        core.kill()
-        core.wait()
+    core = Core(core_env, tmp_path_factory.mktemp("core") / "core.log")
+    _shared_cores.append(core)
+    yield core.config
+    stop_shared_core()
 
 
 def service(name: str, **options) -> WorkflowServiceConfig:
