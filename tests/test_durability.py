@@ -4,24 +4,29 @@ killed under load on the shared core (they restart; Ray keeps their names)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 
 import pytest
 import pytest_asyncio
 import ray
+from workflows.events import HumanResponseEvent
 
 from llama_deploy_ray import (
     AsyncLlamaDeployClient,
     AsyncSessionClient,
     ControlPlaneConfig,
+    LlamaDeployClient,
     TaskResult,
     TaskStatus,
     deploy_workflow,
 )
 from llama_deploy_ray._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 
-from .conftest import service
-from .workflows import SleepWorkflow
+from .conftest import service, wait_for
+from .workflows import PidCounterWorkflow, PidHumanWorkflow, SleepWorkflow
 
 SESSIONS = 20
 TASKS_PER_SESSION = 6
@@ -30,8 +35,13 @@ SERVICE = "durable_log"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConfig:
-    await deploy_workflow(
-        SleepWorkflow(timeout=120), service(SERVICE, num_replicas=2), control_plane_config
+    await asyncio.gather(
+        deploy_workflow(
+            SleepWorkflow(timeout=120), service(SERVICE, num_replicas=2), control_plane_config
+        ),
+        deploy_workflow(
+            PidHumanWorkflow(), service("durable_human", input_hold_s=0.5), control_plane_config
+        ),
     )
     return control_plane_config
 
@@ -94,3 +104,71 @@ async def test_control_plane_killed_under_load_loses_nothing(deployed: ControlPl
 @pytest.mark.timeout(420)
 async def test_orchestrator_killed_under_load_loses_nothing(deployed: ControlPlaneConfig) -> None:
     await _kill_under_load(deployed, ORCHESTRATOR_ACTOR_NAME)
+
+
+def test_a_replica_killed_while_its_task_is_parked(deployed: ControlPlaneConfig) -> None:
+    with LlamaDeployClient(deployed) as client:
+        session = client.create_session()
+        task_id = session.run_nowait("durable_human")
+        asked = next(iter(session.get_task_result_stream(task_id)))
+        wait_for(
+            lambda: session.get_task(task_id).status is TaskStatus.WAITING,
+            timeout_s=30,
+            what="the task to be parked",
+        )
+        os.kill(int(asked["prefix"]), signal.SIGKILL)  # the replica that ran it
+        session.send_event("durable_human", task_id, HumanResponseEvent(response="still here"))
+        result = session.get_task_result(task_id, wait_s=120)
+    assert result is not None and result.status is TaskStatus.COMPLETED, result
+    assert result.result["response"] == "still here"
+    assert result.result["pid"] != int(asked["prefix"])  # a new replica resumed the snapshot
+    assert result.attempts == 1  # resumed, not run again
+
+
+SOAK_SESSIONS = 100
+SOAK_TASKS_PER_SESSION = 100
+KILL_EVERY_S = 4.0
+
+
+@pytest.mark.timeout(1200)
+async def test_soak_ten_thousand_tasks_while_replicas_are_killed(
+    deployed: ControlPlaneConfig,
+) -> None:
+    await deploy_workflow(PidCounterWorkflow(), service("soak", num_replicas=2), deployed)
+    pids: dict[int, None] = {}  # replicas seen, newest last
+    killed: list[int] = []
+    done = asyncio.Event()
+
+    async def kill_replicas() -> None:
+        while not done.is_set():
+            await asyncio.sleep(KILL_EVERY_S)
+            alive = [p for p in pids if p not in killed]
+            if alive:
+                killed.append(alive[-1])
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(alive[-1], signal.SIGKILL)
+
+    async with AsyncLlamaDeployClient(deployed, timeout=600) as client:
+
+        async def one_session() -> list[int]:
+            session = await client.create_session()
+            counts = []
+            for _ in range(SOAK_TASKS_PER_SESSION):
+                result = await session.run("soak", seconds=0.01)
+                pids[result["pid"]] = None
+                counts.append(result["count"])
+            return counts
+
+        start = time.monotonic()
+        killer = asyncio.create_task(kill_replicas())
+        try:
+            counts = await asyncio.gather(*(one_session() for _ in range(SOAK_SESSIONS)))
+        finally:
+            done.set()
+            await killer
+        elapsed = time.monotonic() - start
+    # every session counted 1..N: no task lost, none applied twice
+    assert all(c == list(range(1, SOAK_TASKS_PER_SESSION + 1)) for c in counts)
+    assert len(killed) >= 3, f"only {len(killed)} replicas were killed: the soak proved less"
+    total = SOAK_SESSIONS * SOAK_TASKS_PER_SESSION
+    print(f"soak: {total} tasks in {elapsed:.0f} s ({total / elapsed:.0f}/s), {len(killed)} kills")

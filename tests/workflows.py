@@ -119,6 +119,29 @@ class HumanWorkflow(Workflow):
         return StopEvent(result=ev.response)
 
 
+class PidCounterWorkflow(Workflow):
+    """Counts its session's runs in `ctx.store`; says which process ran it."""
+
+    @step()
+    async def count(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        count = await ctx.store.get("count", default=0) + 1
+        await ctx.store.set("count", count)
+        await asyncio.sleep(float(ev.get("seconds", 0)))
+        return StopEvent(result={"count": count, "pid": os.getpid()})
+
+
+class PidHumanWorkflow(Workflow):
+    """Asks for input, saying which process asks; answers with the input and its process."""
+
+    @step()
+    async def ask(self, ev: StartEvent) -> InputRequiredEvent:
+        return InputRequiredEvent(prefix=str(os.getpid()))
+
+    @step()
+    async def answer(self, ev: HumanResponseEvent) -> StopEvent:
+        return StopEvent(result={"response": ev.response, "pid": os.getpid()})
+
+
 class InnerWorkflow(Workflow):
     """The seed's inner workflow; it also streams an event."""
 
