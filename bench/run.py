@@ -8,7 +8,9 @@
   from PyPI and driven with the same client calls (hello-world only: it is that slow);
 
 with Ray Serve's default settings and with its HAProxy ingress + throughput-optimized mode,
-each in a fresh local Ray. Usage (stop any other local Ray first, `ray stop`):
+each in a fresh local Ray, with the control plane's state store on (SQLite, the default); then
+hello-world once more in fast mode with the store off (`memory`), to show what the store costs.
+Usage (stop any other local Ray first, `ray stop`):
 
     python bench/run.py            # everything, ~20 minutes on 2 cores
     python bench/run.py --quick    # a smoke run: small sizes, no seed system
@@ -39,6 +41,7 @@ RESULTS = BENCH / "results"
 SEED_VENV = BENCH / ".venv-llama-deploy-0.2.4"
 FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 MODES = {"default": {}, "fast": FAST_ENV}
+NO_STORE = "fast_no_store"
 
 
 class Sizes:
@@ -160,8 +163,9 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
         async def run(self, kwargs: dict[str, Any]) -> Any:
             return await self._workflow.run(**kwargs)
 
-    # a short retention, so that the memory figure shows what it keeps bounded
-    config = ControlPlaneConfig(port=port, task_retention_s=10.0)
+    # a short retention, so that the memory figure shows what it keeps bounded; a fresh store
+    store = os.environ.get("BENCH_STATE_STORE") or str(Path(tempfile.mkdtemp()) / "state.sqlite3")
+    config = ControlPlaneConfig(port=port, task_retention_s=10.0, state_store=store)
     ray.init(
         address="local",  # a Ray of its own, even if another runs on this machine
         include_dashboard=False,
@@ -273,6 +277,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
 
     async def memory(client: AsyncLlamaDeployClient, control_plane: Any) -> dict[str, Any]:
         sessions = [await client.create_session() for _ in range(64)]
+        first = await control_plane.sizes.remote()
         points = []
         done = 0
         chunk = max(64, sizes.memory_tasks // 5)
@@ -289,7 +294,14 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                     "tasks_held": sizes_now["tasks"],
                 }
             )
-        return {"task_retention_s": config.task_retention_s, "points": points}
+        last = await control_plane.sizes.remote()
+        return {
+            "task_retention_s": config.task_retention_s,
+            "points": points,
+            "store_commits_per_task": (last["store_commits"] - first["store_commits"]) / done,
+            "store_rows_per_task": (last["store_rows_written"] - first["store_rows_written"])
+            / done,
+        }
 
     async def _runs(session: Any, n: int) -> None:
         for _ in range(n):
@@ -423,6 +435,10 @@ def table(results: dict[str, Any]) -> str:
         if not memory:
             continue
         lines.append(
+            f"state store writes per task: {memory['store_commits_per_task']:.2f} commits, "
+            f"{memory['store_rows_per_task']:.2f} rows"
+        )
+        lines.append(
             f"memory (task_retention_s={memory['task_retention_s']}): "
             + "; ".join(
                 f"{p['tasks_run']} tasks: control plane {p['control_plane_mb']:.0f} MB, "
@@ -430,6 +446,34 @@ def table(results: dict[str, Any]) -> str:
                 for p in memory["points"]
             )
         )
+    if NO_STORE in results and "fast" in results:
+        lines.append(store_cost(results["fast"]["hello"], results[NO_STORE]["hello"]))
+    return "\n".join(lines)
+
+
+def store_cost(stored: dict[str, Any], memory: dict[str, Any]) -> str:
+    """hello-world with the SQLite store against without, each against bare Serve measured in
+    its own run (so that the machine's noise between the two runs cancels out)."""
+    levels = [k for k in stored["ours_async_client"] if k.startswith("tasks_per_s@")]
+    level = "tasks_per_s@50" if "tasks_per_s@50" in levels else max(levels, key=len)
+    lines = [
+        "\n## the state store's cost: hello, Serve fast settings",
+        f"| store | p50 ms | {level} | p50 / bare Serve | {level} / bare Serve |",
+        "|---|---|---|---|---|",
+    ]
+    ratios = {}
+    for name, row in (("sqlite", stored), ("memory", memory)):
+        ours, floor = row["ours_async_client"], row["serve_http"]
+        ratios[name] = (ours["p50_ms"] / floor["p50_ms"], ours[level] / floor[level])
+        lines.append(
+            f"| {name} | {ours['p50_ms']:.1f} | {ours[level]:.0f} | x{ratios[name][0]:.2f} "
+            f"| x{ratios[name][1]:.2f} |"
+        )
+    (p50_s, tps_s), (p50_m, tps_m) = ratios["sqlite"], ratios["memory"]
+    lines.append(
+        f"\nsqlite vs memory, each relative to its bare Serve: p50 x{p50_s / p50_m:.2f}, "
+        f"{level} x{tps_s / tps_m:.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -519,6 +563,18 @@ def main() -> None:
         if child.returncode != 0:
             sys.exit(f"the {mode} run failed:\n{child.stderr[-5000:]}")
         results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+    if "fast" in args.modes:
+        print("measuring hello-world with Serve's fast settings and no state store ...", flush=True)
+        options = ["--quick"] if args.quick else []
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", "fast", *options, "--workloads", "hello"],
+            env={**os.environ, **FAST_ENV, "BENCH_STATE_STORE": "memory"},
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode != 0:
+            sys.exit(f"the run without a store failed:\n{child.stderr[-5000:]}")
+        results[NO_STORE] = json.loads(child.stdout.strip().splitlines()[-1])
     if not (args.quick or args.no_seed):
         print("measuring llama_deploy 0.2.4 ...", flush=True)
         try:
