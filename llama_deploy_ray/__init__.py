@@ -36,6 +36,7 @@ from ._nested import add_workflows
 from ._types import (
     QueueMessage,
     ServiceDefinition,
+    ServiceStatus,
     SessionDefinition,
     TaskDefinition,
     TaskResult,
@@ -61,6 +62,7 @@ __all__ = [
     "ServiceDefinition",
     "ServiceNotFoundError",
     "ServiceOverloadedError",
+    "ServiceStatus",
     "SessionClient",
     "SessionDefinition",
     "SessionNotFoundError",

@@ -8,22 +8,21 @@ their class (see `_errors`). Every route but `GET /health` first passes the `Req
 not writable: what replicas restore is only what they saved themselves.
 """
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import ray
 from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
 
+from ._actors import ControlPlaneHandle, OrchestratorHandle
 from ._config import (
-    CONTROL_PLANE_ACTOR_NAME,
     ID_PATTERN,
     MAX_WAIT_S,
-    ORCHESTRATOR_ACTOR_NAME,
     PAGE_SIZE,
 )
 from ._errors import (
@@ -36,6 +35,7 @@ from ._guard import HEALTH_PATH, GuardMiddleware, RequestGuard
 from ._types import (
     Id,
     ServiceDefinition,
+    ServiceStatus,
     SessionDefinition,
     TaskDefinition,
     TaskResult,
@@ -85,8 +85,8 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
 @serve.ingress(app)
 class ControlPlaneAPI:
     def __init__(self, namespace: str) -> None:
-        self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
-        self._orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME, namespace=namespace)
+        self._control_plane = ControlPlaneHandle.lookup(namespace)
+        self._orchestrator = OrchestratorHandle.lookup(namespace)
         app.state.guard = RequestGuard(namespace)
 
     @app.get(HEALTH_PATH)
@@ -104,33 +104,53 @@ class ControlPlaneAPI:
 
     @app.post("/services/register")
     async def register_service(self, service: ServiceDefinition) -> ServiceDefinition:
-        return await self._control_plane.register_service.remote(service)
+        return await self._control_plane.register_service(service)
 
     @app.post("/services/deregister")
     async def deregister_service(
         self, service_name: Annotated[str, Query(pattern=ID_PATTERN)]
     ) -> None:
-        await self._control_plane.deregister_service.remote(service_name)
+        await self._control_plane.deregister_service(service_name)
 
     @app.get("/services/{service_name}")
     async def get_service(self, service_name: PathId) -> ServiceDefinition:
-        return await self._control_plane.get_service.remote(service_name)
+        return await self._control_plane.get_service(service_name)
+
+    @app.get("/services/{service_name}/status")
+    async def get_service_status(self, service_name: PathId) -> ServiceStatus:
+        """Replicas running and starting, from Serve; tasks pending, running and waiting."""
+        tasks = await self._control_plane.service_tasks(service_name)
+        applications = (await asyncio.to_thread(serve.status)).applications
+        application = applications.get(service_name)
+        if application is None:
+            return ServiceStatus(service_name=service_name, status="NOT_DEPLOYED", tasks=tasks)
+        replicas: dict[str, int] = {}
+        for deployment in application.deployments.values():
+            for state, count in deployment.replica_states.items():
+                replicas[str(state.value)] = replicas.get(str(state.value), 0) + count
+        return ServiceStatus(
+            service_name=service_name,
+            status=str(application.status.value),
+            message=application.message,
+            replicas=replicas,
+            tasks=tasks,
+        )
 
     @app.get("/services")
     async def list_services(self) -> list[ServiceDefinition]:
-        return await self._control_plane.list_services.remote()
+        return await self._control_plane.list_services()
 
     @app.post("/sessions/create")
     async def create_session(self) -> SessionDefinition:
-        return await self._control_plane.create_session.remote()
+        return await self._control_plane.create_session()
 
     @app.put("/sessions/{session_id}")
     async def get_or_create_session(self, session_id: PathId) -> SessionDefinition:
-        return await self._control_plane.get_or_create_session.remote(session_id)
+        return await self._control_plane.get_or_create_session(session_id)
 
     @app.get("/sessions/{session_id}")
     async def get_session(self, session_id: PathId) -> SessionDefinition:
-        return await self._control_plane.get_session.remote(session_id)
+        return await self._control_plane.get_session(session_id)
 
     @app.get("/sessions")
     async def list_sessions(
@@ -139,25 +159,25 @@ class ControlPlaneAPI:
         limit: int = Query(default=PAGE_SIZE, ge=1, le=PAGE_SIZE),
     ) -> list[SessionDefinition]:
         """Sessions in the order they were created, a page at a time."""
-        return await self._control_plane.list_sessions.remote(offset, limit)
+        return await self._control_plane.list_sessions(offset, limit)
 
     @app.post("/sessions/{session_id}/delete")
     async def delete_session(self, session_id: PathId) -> None:
-        await self._control_plane.delete_session.remote(session_id)
+        await self._control_plane.delete_session(session_id)
 
     @app.get("/sessions/{session_id}/state")
     async def get_session_state(self, session_id: PathId) -> dict[str, Any]:
-        return await self._control_plane.get_session_state.remote(session_id)
+        return await self._control_plane.get_session_state(session_id)
 
     @app.post("/sessions/{session_id}/tasks")
     async def create_task(self, session_id: PathId, task: TaskDefinition) -> TaskResult:
         """Start a task and answer at once with its pending result."""
-        return await self._orchestrator.submit.remote(task.sent_to(session_id))
+        return await self._orchestrator.submit(task.sent_to(session_id))
 
     @app.post("/sessions/{session_id}/run")
     async def run_task(self, session_id: PathId, task: TaskDefinition) -> TaskResult:
         """Run a task and answer when it is final (the response is the long poll)."""
-        return await self._orchestrator.run.remote(task.sent_to(session_id))
+        return await self._orchestrator.run(task.sent_to(session_id))
 
     @app.get("/sessions/{session_id}/tasks")
     async def list_tasks(
@@ -167,11 +187,11 @@ class ControlPlaneAPI:
         limit: int = Query(default=PAGE_SIZE, ge=1, le=PAGE_SIZE),
     ) -> list[TaskResult]:
         """The session's tasks in the order they were created, a page at a time."""
-        return await self._control_plane.list_tasks.remote(session_id, offset, limit)
+        return await self._control_plane.list_tasks(session_id, offset, limit)
 
     @app.get("/sessions/{session_id}/current_task")
     async def get_current_task(self, session_id: PathId) -> TaskResult | None:
-        return await self._control_plane.get_current_task.remote(session_id)
+        return await self._control_plane.get_current_task(session_id)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/events")
     async def stream_events(
@@ -188,7 +208,7 @@ class ControlPlaneAPI:
         if sse and last_event_id is not None:
             after = max(after, last_event_id)
         # read once before answering, so an unknown task is a 404 and not an empty stream
-        first = await self._control_plane.read_events.remote(session_id, task_id, after, 0.0)
+        first = await self._control_plane.read_events(session_id, task_id, after, 0.0)
         return StreamingResponse(
             self._stream(session_id, task_id, after, first, sse),
             media_type="text/event-stream" if sse else "application/x-ndjson",
@@ -210,21 +230,18 @@ class ControlPlaneAPI:
                 return
             if not batch.events:
                 yield ": keep-alive\n\n" if sse else "\n"
-            batch = await self._control_plane.read_events.remote(
-                session_id, task_id, after, KEEPALIVE_S
-            )
+            # an open stream outlives a restart of the control plane (the handle sends again)
+            batch = await self._control_plane.read_events(session_id, task_id, after, KEEPALIVE_S)
 
     @app.post("/sessions/{session_id}/tasks/{task_id}/events")
     async def send_event(self, session_id: PathId, task_id: PathId, body: SendEventRequest) -> None:
         """Send an event into a running task (e.g. a HumanResponseEvent); exactly once."""
-        await self._orchestrator.send_event.remote(
-            session_id, task_id, body.service_name, body.event
-        )
+        await self._orchestrator.send_event(session_id, task_id, body.service_name, body.event)
 
     @app.post("/sessions/{session_id}/tasks/{task_id}/cancel")
     async def cancel_task(self, session_id: PathId, task_id: PathId) -> TaskResult:
         """Cancel a pending, running or waiting task and its children."""
-        return await self._control_plane.cancel_task.remote(session_id, task_id)
+        return await self._control_plane.cancel_task(session_id, task_id)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}")
     async def get_task(
@@ -235,7 +252,7 @@ class ControlPlaneAPI:
     ) -> TaskResult:
         """The task as it is now (`status`); with `wait_s`, first wait up to that long for it
         to finish."""
-        return await self._control_plane.get_task.remote(session_id, task_id, wait_s)
+        return await self._control_plane.get_task(session_id, task_id, wait_s)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/result")
     async def get_task_result(
@@ -246,5 +263,5 @@ class ControlPlaneAPI:
     ) -> TaskResult | None:
         """The task's result once it is final, null until then (as llama_deploy's); with
         `wait_s`, first wait up to that long for it to finish."""
-        task = await self._control_plane.get_task.remote(session_id, task_id, wait_s)
+        task = await self._control_plane.get_task(session_id, task_id, wait_s)
         return task if task.status.is_final else None

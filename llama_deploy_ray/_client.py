@@ -17,8 +17,15 @@ from workflows.events import Event
 from . import _client_core as core
 from ._client_core import DEFAULT_POLL_INTERVAL, Call
 from ._config import ControlPlaneConfig
+from ._errors import LlamaDeployError
 from ._retry import call_retrying, call_retrying_sync
-from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
+from ._types import (
+    ServiceDefinition,
+    ServiceStatus,
+    SessionDefinition,
+    TaskDefinition,
+    TaskResult,
+)
 
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
 
@@ -82,6 +89,17 @@ class LlamaDeployClient:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
 
+    def _events(self, session_id: str, task_id: str, after: int) -> Iterator[dict[str, Any]]:
+        cursor = core.StreamCursor(session_id, task_id, after, self.timeout)
+        while True:
+            try:
+                for event in self._stream(cursor.call()):
+                    cursor.seen(event)
+                    yield event
+                return
+            except LlamaDeployError as exc:
+                time.sleep(cursor.wait_before_reconnecting_s(exc))
+
     def _stream(self, call: Call[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
         kwargs = core.request_kwargs(call, core.deadline_after(self.timeout), self.timeout)
         try:
@@ -127,6 +145,10 @@ class LlamaDeployClient:
 
     def get_service(self, service_name: str) -> ServiceDefinition:
         return self._send(core.get_service(service_name))
+
+    def get_service_status(self, service_name: str) -> ServiceStatus:
+        """Its replicas (running, starting, ...) and its unfinished tasks, by state."""
+        return self._send(core.get_service_status(service_name))
 
     def delete_session(self, session_id: str) -> None:
         self._send(core.delete_session(session_id))
@@ -193,8 +215,9 @@ class SessionClient:
     def get_task_result_stream(self, task_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """The events the task's workflow streams, each as it happens, as dicts of the event's
         fields plus `__type__` (its class name) and `__seq__` (its place in the stream; pass
-        the last one seen as `after` to resume). Ends when the task ends."""
-        return self.client._stream(core.stream_events(self.session_id, task_id, after))
+        the last one seen as `after` to resume). Ends when the task ends; a dropped
+        connection is resumed from the last event seen."""
+        return self.client._events(self.session_id, task_id, after)
 
     def send_event(self, service_name: str, task_id: str, ev: Event) -> None:
         """Send `ev` (e.g. a HumanResponseEvent) into the running task, exactly once."""
@@ -240,6 +263,19 @@ class AsyncLlamaDeployClient:
         except httpx.TransportError as exc:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
+
+    async def _events(
+        self, session_id: str, task_id: str, after: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        cursor = core.StreamCursor(session_id, task_id, after, self.timeout)
+        while True:
+            try:
+                async for event in self._stream(cursor.call()):
+                    cursor.seen(event)
+                    yield event
+                return
+            except LlamaDeployError as exc:
+                await asyncio.sleep(cursor.wait_before_reconnecting_s(exc))
 
     async def _stream(self, call: Call[dict[str, Any] | None]) -> AsyncIterator[dict[str, Any]]:
         kwargs = core.request_kwargs(call, core.deadline_after(self.timeout), self.timeout)
@@ -289,6 +325,10 @@ class AsyncLlamaDeployClient:
 
     async def get_service(self, service_name: str) -> ServiceDefinition:
         return await self._send(core.get_service(service_name))
+
+    async def get_service_status(self, service_name: str) -> ServiceStatus:
+        """Its replicas (running, starting, ...) and its unfinished tasks, by state."""
+        return await self._send(core.get_service_status(service_name))
 
     async def delete_session(self, session_id: str) -> None:
         await self._send(core.delete_session(session_id))
@@ -355,8 +395,9 @@ class AsyncSessionClient:
     def get_task_result_stream(self, task_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
         """The events the task's workflow streams, each as it happens, as dicts of the event's
         fields plus `__type__` (its class name) and `__seq__` (its place in the stream; pass
-        the last one seen as `after` to resume). Ends when the task ends."""
-        return self.client._stream(core.stream_events(self.session_id, task_id, after))
+        the last one seen as `after` to resume). Ends when the task ends; a dropped
+        connection is resumed from the last event seen."""
+        return self.client._events(self.session_id, task_id, after)
 
     async def send_event(self, service_name: str, task_id: str, ev: Event) -> None:
         """Send `ev` (e.g. a HumanResponseEvent) into the running task, exactly once."""

@@ -29,8 +29,16 @@ from ._errors import (
     TaskTimeoutError,
     error_from_json,
 )
-from ._events import event_to_dict
-from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult, TaskStatus
+from ._events import SEQ_KEY, event_to_dict
+from ._retry import full_jitter_s
+from ._types import (
+    ServiceDefinition,
+    ServiceStatus,
+    SessionDefinition,
+    TaskDefinition,
+    TaskResult,
+    TaskStatus,
+)
 
 T = TypeVar("T")
 
@@ -72,6 +80,7 @@ def _optional(model: type[T]) -> Callable[[Any], T | None]:
 
 
 _service = _model(ServiceDefinition)
+_service_status = _model(ServiceStatus)
 _services = _list_of(ServiceDefinition)
 _session = _model(SessionDefinition)
 _sessions = _list_of(SessionDefinition)
@@ -89,6 +98,10 @@ def list_services() -> Call[list[ServiceDefinition]]:
 
 def get_service(service_name: str) -> Call[ServiceDefinition]:
     return Call("GET", f"/services/{service_name}", _service)
+
+
+def get_service_status(service_name: str) -> Call[ServiceStatus]:
+    return Call("GET", f"/services/{service_name}/status", _service_status)
 
 
 def register_service(service_def: ServiceDefinition) -> Call[ServiceDefinition]:
@@ -189,6 +202,35 @@ def stream_events(session_id: str, task_id: str, after: int) -> Call[dict[str, A
         params={"after": after},
         hold_s=15.0,
     )
+
+
+class StreamCursor:
+    """Where a reader is in a task's stream: it reconnects from the last event it saw when the
+    connection drops or the core restarts (503), so no event is lost or repeated, and gives
+    up once it has failed without progress for `timeout_s`."""
+
+    def __init__(self, session_id: str, task_id: str, after: int, timeout_s: float) -> None:
+        self.session_id, self.task_id, self.after = session_id, task_id, after
+        self._timeout_s = timeout_s
+        self._failures = 0
+        self._failing_since = 0.0
+
+    def call(self) -> Call[dict[str, Any] | None]:
+        return stream_events(self.session_id, self.task_id, self.after)
+
+    def seen(self, event: dict[str, Any]) -> None:
+        self.after = event.get(SEQ_KEY, self.after)
+        self._failures = 0
+
+    def wait_before_reconnecting_s(self, exc: BaseException) -> float:
+        """How long to wait before reading on from `after`; raises `exc` when it should not."""
+        now = time.monotonic()
+        if self._failures == 0:
+            self._failing_since = now
+        self._failures += 1
+        if not is_retryable(self.call(), exc) or now - self._failing_since > self._timeout_s:
+            raise exc
+        return full_jitter_s(self._failures)
 
 
 def _event_line(line: str) -> dict[str, Any] | None:

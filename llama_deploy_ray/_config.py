@@ -27,6 +27,11 @@ DRIVER_SILENCE_S = 15.0
 # How long a replica keeps sending a task's outcome while the control plane is unreachable (it
 # restarts within seconds).
 RECORD_BUDGET_S = 60.0
+# How long a stopping replica (a downscale, a redeploy) waits for its runs: a workflow's timeout
+# plus this margin (its outcome still has to be sent), or the second figure for a workflow
+# without a timeout; `WorkflowServiceConfig.graceful_shutdown_timeout_s` overrides both.
+DRAIN_MARGIN_S = 15.0
+DRAIN_WITHOUT_TIMEOUT_S = 600.0
 # Calls the control plane and the orchestrator each run at once. Many of them wait (a task for
 # its turn, result long polls, stream reads, runs waiting for their result), each holding a
 # slot: thousands waiting must leave room for the short calls.
@@ -58,6 +63,30 @@ def workflow_route(service_name: str) -> str:
     """Where a service's replicas take runs over HTTP, beside the control plane's API:
     `POST {route}/sessions/{session_id}/run` with a `TaskDefinition`."""
     return f"/workflows/{service_name}"
+
+
+class AutoscalingConfig(BaseModel):
+    """Replica autoscaling, passed to Ray Serve's `autoscaling_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, description="The window Serve averages the load over."
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        return self
 
 
 class ControlPlaneConfig(BaseSettings):
@@ -113,6 +142,20 @@ class ControlPlaneConfig(BaseSettings):
     max_request_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode",
+        description=(
+            "Where Serve runs its HTTP proxies: on every node (any node's host:port answers), "
+            "or on the head node only (several Ray nodes on one machine, which would all want "
+            "the same port)."
+        ),
+    )
+    api_replicas: int = Field(
+        default=1, ge=1, description="Replicas of the HTTP API (it is stateless)."
+    )
+    api_autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Autoscale the HTTP API's replicas instead (see api_replicas)."
+    )
     state_store: str | None = Field(
         default=None,
         description=(
@@ -138,6 +181,12 @@ class ControlPlaneConfig(BaseSettings):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def api_deployment_options(self) -> dict[str, Any]:
+        """The keyword arguments for the HTTP API's `Deployment.options`."""
+        if self.api_autoscaling is not None:
+            return {"autoscaling_config": self.api_autoscaling.model_dump(exclude_none=True)}
+        return {"num_replicas": self.api_replicas}
 
     @property
     def state_store_url(self) -> str:
@@ -177,27 +226,6 @@ class SimpleOrchestratorConfig(BaseSettings):
         description="Times a task is sent again after the replica running it died.",
     )
     retry_backoff_s: float = Field(default=0.5, ge=0, description="Wait before a retry.")
-
-
-class AutoscalingConfig(BaseModel):
-    """Replica autoscaling, passed to Ray Serve's `autoscaling_config`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=4, ge=1)
-    initial_replicas: int | None = Field(default=None, ge=0)
-    target_ongoing_requests: float = Field(default=8.0, gt=0)
-    upscale_delay_s: float = Field(default=30.0, ge=0)
-    downscale_delay_s: float = Field(default=600.0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_bounds(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
-            )
-        return self
 
 
 class RayActorOptions(BaseModel):
@@ -258,6 +286,16 @@ class WorkflowServiceConfig(BaseSettings):
             "parked (snapshotted, replica freed) until an event is sent to it."
         ),
     )
+    graceful_shutdown_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "How long a replica being stopped (scaled down, redeployed) waits for the runs it "
+            "has before it is killed. Default: the workflow's timeout plus "
+            f"{DRAIN_MARGIN_S:.0f} s ({DRAIN_WITHOUT_TIMEOUT_S:.0f} s for a workflow without "
+            "one), so a downscale never kills a run in flight."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> WorkflowServiceConfig:
@@ -265,8 +303,18 @@ class WorkflowServiceConfig(BaseSettings):
             raise ValueError(f"give num_replicas ({self.num_replicas}) or autoscaling, not both")
         return self
 
-    def deployment_options(self) -> dict[str, Any]:
-        """The keyword arguments for Ray Serve's `Deployment.options`."""
+    def drain_s(self, workflow_timeout: float | None) -> float:
+        """How long a stopping replica waits for its runs: the configured time, else the
+        workflow's timeout and a margin, so a downscale never cuts a run short."""
+        if self.graceful_shutdown_timeout_s is not None:
+            return self.graceful_shutdown_timeout_s
+        if workflow_timeout is None:
+            return DRAIN_WITHOUT_TIMEOUT_S
+        return workflow_timeout + DRAIN_MARGIN_S
+
+    def deployment_options(self, workflow_timeout: float | None = None) -> dict[str, Any]:
+        """The keyword arguments for Ray Serve's `Deployment.options`, for a workflow whose
+        timeout is `workflow_timeout` (None: it has none, or it is not known here)."""
         actor_options: dict[str, Any] = self.ray_actor_options.model_dump(exclude_none=True)
         if self.runtime_env is not None:
             actor_options["runtime_env"] = self.runtime_env
@@ -276,6 +324,7 @@ class WorkflowServiceConfig(BaseSettings):
             "max_queued_requests": self.max_queued_requests,
             "backpressure_config": {"retry_after_s": self.retry_after_s},
             "ray_actor_options": actor_options,
+            "graceful_shutdown_timeout_s": self.drain_s(workflow_timeout),
         }
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)

@@ -232,6 +232,19 @@ class ControlPlane:
     async def list_services(self) -> list[ServiceDefinition]:
         return [s.definition for s in self._services.values()]
 
+    async def service_tasks(self, service_name: str) -> dict[str, int]:
+        """The service's unfinished tasks, counted by status."""
+        if service_name not in self._services:
+            raise ServiceNotFoundError(service_name)
+        unfinished = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.WAITING)
+        counts = dict.fromkeys((s.value for s in unfinished), 0)
+        # a line holds its (session, service) pair's unfinished tasks
+        for (_, line_service), line in self._lines.items():
+            if line_service == service_name:
+                for task_id in line:
+                    counts[self._tasks[task_id].result.status.value] += 1
+        return counts
+
     async def deployments(self) -> dict[str, str]:
         """What redeploys each service, by name, for those registered with one."""
         return {n: s.deployment for n, s in self._services.items() if s.deployment is not None}

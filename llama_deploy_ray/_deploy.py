@@ -15,9 +15,9 @@ from pydantic import BaseModel
 from ray import serve
 from workflows import Workflow
 
+from ._actors import ControlPlaneHandle, OrchestratorHandle, core_actor_options
 from ._api import API_APP_NAME, ControlPlaneAPI
 from ._config import (
-    ACTOR_MAX_CONCURRENCY,
     CONTROL_PLANE_ACTOR_NAME,
     ORCHESTRATOR_ACTOR_NAME,
     SERVE_FAST_MODE_ENV,
@@ -41,9 +41,6 @@ logger = logging.getLogger(__name__)
 # A log line per request per hop costs more than the hop itself on a small machine; errors and
 # replica events are still logged.
 _QUIET_ACCESS_LOG = {"enable_access_log": False}
-# Ray's resource that only the head node has: the core's actors live there, as Serve's
-# controller does, so the control plane's SQLite file is always on the same machine.
-_HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 class ServiceDeployment(BaseModel):
@@ -109,7 +106,7 @@ async def deploy_workflow(
     config = control_plane_config or ControlPlaneConfig()
     packed = pack_workflow(workflow)
     _connect(config, start_if_missing=False)
-    control_plane = _control_plane_actor(config)
+    control_plane = ControlPlaneHandle.lookup(config.namespace)
     definition = ServiceDefinition(
         service_name=workflow_config.service_name,
         description=workflow_config.description,
@@ -117,13 +114,13 @@ async def deploy_workflow(
         port=workflow_config.port,
     )
     # Refuse a name taken by another service before touching its running deployment.
-    existing = {s.service_name: s for s in await control_plane.list_services.remote()}
+    existing = {s.service_name: s for s in await control_plane.list_services()}
     if existing.get(definition.service_name, definition) != definition:
-        await control_plane.register_service.remote(definition)  # raises ServiceConflictError
+        await control_plane.register_service(definition)  # raises ServiceConflictError
     await _run_service(ServiceDeployment(workflow=packed, config=workflow_config), config)
     events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
     stored = ServiceDeployment(workflow=packed, config=workflow_config).model_dump_json()
-    return await control_plane.register_service.remote(definition, events, stored)
+    return await control_plane.register_service(definition, events, stored)
 
 
 async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -> None:
@@ -132,7 +129,8 @@ async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -
     _warn_if_it_cannot_fit(workflow_config)
     # serve.deployment made the class a Deployment (Ray's type hints keep the class)
     deployment: Any = WorkflowService
-    application = deployment.options(**workflow_config.deployment_options()).bind(
+    options = workflow_config.deployment_options(service.workflow.timeout)
+    application = deployment.options(**options).bind(
         service.workflow,
         workflow_config.service_name,
         config.namespace,
@@ -150,8 +148,7 @@ async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -
 async def _redeploy_stored_services(config: ControlPlaneConfig) -> None:
     """After a cluster restart the store still lists services that no longer run: run them
     again from what was stored, so their sessions go on without a redeploy by hand."""
-    control_plane = _control_plane_actor(config)
-    stored: dict[str, str] = await control_plane.deployments.remote()
+    stored = await ControlPlaneHandle.lookup(config.namespace).deployments()
     running = set((await asyncio.to_thread(serve.status)).applications)
     for name in sorted(stored.keys() - running):
         logger.info("redeploying service %r from the state store", name)
@@ -231,27 +228,16 @@ def _check_ports_are_free(config: ControlPlaneConfig) -> None:
                 ) from exc
 
 
-def _core_actor_options(name: str, namespace: str) -> dict[str, Any]:
-    """One detached, restarting actor of the core, on the head node."""
-    return {
-        "name": name,
-        "namespace": namespace,
-        "lifetime": "detached",
-        "get_if_exists": True,
-        "max_restarts": -1,
-        "max_concurrency": ACTOR_MAX_CONCURRENCY,
-        "num_cpus": 0,
-        "resources": {_HEAD_NODE_RESOURCE: 0.001},
-    }
-
-
 def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestratorConfig) -> None:
     publish_guard(config)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    # actor handles: Ray's type hints do not know the methods' `.remote`
+    serve.start(
+        proxy_location=config.proxy_location,
+        http_options={"host": config.host, "port": config.port},
+    )
+    # Ray's type hints take `.remote()` of an actor class for the class itself
     control_plane: Any = (
         ray.remote(ControlPlane)
-        .options(**_core_actor_options(CONTROL_PLANE_ACTOR_NAME, config.namespace))
+        .options(**core_actor_options(CONTROL_PLANE_ACTOR_NAME, config.namespace))
         .remote(
             config.task_retention_s,
             config.session_retention_s,
@@ -262,11 +248,11 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
             config.namespace,
         )
     )
-    ray.get(control_plane.ready.remote())
+    ControlPlaneHandle(control_plane).wait_ready()
     orchestrator: Any = (
         ray.remote(SimpleOrchestrator)
         .options(
-            **_core_actor_options(ORCHESTRATOR_ACTOR_NAME, config.namespace),
+            **core_actor_options(ORCHESTRATOR_ACTOR_NAME, config.namespace),
             max_task_retries=0,
             # route Serve handle calls on the orchestrator's own event loop rather than a
             # router thread: one cross-thread hop less per task
@@ -274,24 +260,14 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
         )
         .remote(orchestrator_config, config.namespace)
     )
-    ray.get(orchestrator.ready.remote())
+    OrchestratorHandle(orchestrator).wait_ready()
 
 
 def _start_api(config: ControlPlaneConfig) -> None:
     api: Any = ControlPlaneAPI
     serve.run(
-        api.bind(config.namespace),
+        api.options(**config.api_deployment_options()).bind(config.namespace),
         name=API_APP_NAME,
         route_prefix="/",
         logging_config=_QUIET_ACCESS_LOG,
     )
-
-
-def _control_plane_actor(config: ControlPlaneConfig) -> ray.actor.ActorHandle:
-    try:
-        return ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=config.namespace)
-    except ValueError as exc:
-        raise ControlPlaneUnavailableError(
-            f"no control plane in the Ray cluster at {ray.get_runtime_context().gcs_address} "
-            f"(namespace {config.namespace!r}); start it with deploy_core(...) first"
-        ) from exc

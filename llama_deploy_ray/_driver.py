@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -31,11 +30,12 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from ._actors import ControlPlaneHandle
 from ._config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
 from ._message_queue import RayMessageQueue
-from ._retry import actor_unreachable, call_actor, call_retrying, retrying
+from ._outbox import Outbox
+from ._retry import actor_unreachable, call_retrying
 from ._types import (
-    DriverNotice,
     QueueMessage,
     StartedTask,
     TaskDefinition,
@@ -55,7 +55,7 @@ class _Cancellable(Protocol):
 class TaskDriver:
     """What both kinds share: the control-plane side of driving, and cancellation."""
 
-    def __init__(self, control_plane: ray.actor.ActorHandle, *, adopts_orphans: bool) -> None:
+    def __init__(self, control_plane: ControlPlaneHandle, *, adopts_orphans: bool) -> None:
         self.driver_id = uuid.uuid4().hex
         self._control_plane = control_plane
         self._adopts_orphans = adopts_orphans
@@ -86,9 +86,7 @@ class TaskDriver:
     async def submit(self, task: TaskDefinition) -> TaskResult:
         """Record `task`, drive it in the background and return its pending result."""
         self.start()
-        pending: TaskResult = await call_actor(
-            lambda: self._control_plane.create_task.remote(task, self.driver_id)
-        )
+        pending = await self._control_plane.create_task(task, self.driver_id)
         self.in_background(self._start_and_drive(task.task_id))
         return pending
 
@@ -115,26 +113,16 @@ class TaskDriver:
         raise NotImplementedError
 
     async def _run(self, task: TaskDefinition) -> TaskResult:
-        sent = 0
-
-        def begin() -> Awaitable[StartedTask | None]:
-            nonlocal sent
-            sent += 1
-            return self._control_plane.begin_task.remote(task, self.driver_id, sent > 1)
-
         with self._driving(task.task_id):
-            result = await self._drive(await call_actor(begin), task.task_id)
+            started = await self._control_plane.begin_task(task, self.driver_id)
+            result = await self._drive(started, task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run
-            return await call_actor(
-                lambda: self._control_plane.get_task.remote(task.session_id, task.task_id)
-            )
+            return await self._control_plane.get_task(task.session_id, task.task_id)
         return result
 
     async def _start_and_drive(self, task_id: str) -> None:
         with self._driving(task_id):
-            started = await call_actor(
-                lambda: self._control_plane.start_task.remote(task_id, self.driver_id)
-            )
+            started = await self._control_plane.start_task(task_id, self.driver_id)
             await self._drive(started, task_id)
 
     async def _resume(self, started: StartedTask) -> None:
@@ -157,15 +145,13 @@ class TaskDriver:
                     )
             if outcome.snapshot is None:
                 return await self._finish(started, outcome)
-            started = await call_actor(
-                functools.partial(self._control_plane.park_task.remote, task_id, outcome)
-            )
+            started = await self._control_plane.park_task(task_id, outcome)
         return None
 
     async def _finish(self, started: StartedTask, outcome: TaskOutcome) -> TaskResult:
         """Record the task's final outcome and return its result."""
         task_id = started.task.task_id
-        return await call_actor(lambda: self._control_plane.finish_task.remote(task_id, outcome))
+        return await self._control_plane.finish_task(task_id, outcome)
 
     @contextlib.contextmanager
     def _driving(self, task_id: str) -> Iterator[None]:
@@ -180,20 +166,16 @@ class TaskDriver:
     def _beat(self) -> None:
         while not self._stopped.wait(DRIVER_WATCH_S):
             try:
-                beat: ray.ObjectRef = self._control_plane.heartbeat.remote(self.driver_id)
-                ray.get(beat, timeout=DRIVER_WATCH_S)
+                ray.get(self._control_plane.heartbeat_ref(self.driver_id), timeout=DRIVER_WATCH_S)
             except Exception as exc:  # the control plane restarts: beat again next time
                 logger.warning("driver %s: heartbeat failed: %s", self.driver_id, exc)
 
     async def _watch(self) -> None:
-        async def watch() -> DriverNotice:
-            return await self._control_plane.watch_driver.remote(
-                self.driver_id, DRIVER_WATCH_S, self._adopts_orphans
-            )
-
         while True:
-            try:  # the control plane restarts: watch again
-                notice: DriverNotice = await retrying(actor_unreachable)(watch)
+            try:  # the handle watches again while the control plane restarts
+                notice = await self._control_plane.watch_driver(
+                    self.driver_id, DRIVER_WATCH_S, self._adopts_orphans
+                )
             except Exception:  # a watch that stops would strand cancels and orphans
                 logger.exception("driver %s: the watch failed; watching again", self.driver_id)
                 await asyncio.sleep(DRIVER_WATCH_S)
@@ -216,9 +198,7 @@ class TaskDriver:
 class PublishingDriver(TaskDriver):
     """Publishes each task to a replica of its service, and retries when the replica died."""
 
-    def __init__(
-        self, control_plane: ray.actor.ActorHandle, config: SimpleOrchestratorConfig
-    ) -> None:
+    def __init__(self, control_plane: ControlPlaneHandle, config: SimpleOrchestratorConfig) -> None:
         super().__init__(control_plane, adopts_orphans=True)
         self._config = config
         self._queue = RayMessageQueue()
@@ -233,7 +213,7 @@ class PublishingDriver(TaskDriver):
             nonlocal sent
             if sent:
                 logger.warning("task %s: its replica died, sending it again", task_id)
-                await call_actor(lambda: self._control_plane.record_retry.remote(task_id))
+                await self._control_plane.record_retry(task_id)
                 if task_id in self._cancelled:
                     return _CANCELLED
             sent += 1
@@ -279,13 +259,16 @@ class LocalDriver(TaskDriver):
 
     def __init__(
         self,
-        control_plane: ray.actor.ActorHandle,
+        control_plane: ControlPlaneHandle,
         run_here: Callable[[StartedTask], Awaitable[TaskOutcome]],
     ) -> None:
         super().__init__(control_plane, adopts_orphans=False)
         self._run_here = run_here
-        self._outbox: dict[str, TaskOutcome] = {}
-        self._sender: asyncio.Task[None] | None = None
+        # one finish_tasks call in flight; outcomes ready meanwhile go together in the next:
+        # under load, one control-plane call records many tasks
+        self._outcomes: Outbox[tuple[str, TaskOutcome]] = Outbox(
+            self._send_outcomes, self.in_background
+        )
 
     async def _deliver(self, started: StartedTask) -> TaskOutcome:
         task_id = started.task.task_id
@@ -303,34 +286,23 @@ class LocalDriver(TaskDriver):
     async def _finish(self, started: StartedTask, outcome: TaskOutcome) -> TaskResult:
         if outcome is _CANCELLED:  # the control plane's record says how it ended
             return await super()._finish(started, outcome)
-        self._outbox[started.task.task_id] = outcome
-        if self._sender is None or self._sender.done():
-            # sent now, before the answer leaves this replica (else with the outcomes that
-            # follow it, once the call on its way is acknowledged)
-            self._sender = self.in_background(self._send_outcomes(*self._send()))
+        # sent now, before the answer leaves this replica (else with the outcomes that follow
+        # it, once the call on its way is acknowledged)
+        self._outcomes.put((started.task.task_id, outcome))
         return started.running.model_copy(
             update={**outcome.final_fields(), "finished_at": time.time()}
         )
 
-    def _send(self) -> tuple[dict[str, TaskOutcome], ray.ObjectRef]:
-        batch, self._outbox = self._outbox, {}
-        return batch, self._control_plane.finish_tasks.remote(batch)
-
-    async def _send_outcomes(self, batch: dict[str, TaskOutcome], sent: ray.ObjectRef) -> None:
-        # One call in flight at a time; the outcomes of tasks that finish meanwhile go together
-        # in the next: under load, one control-plane call records many tasks.
-        while True:
-            await self._record(batch, sent)
-            if not self._outbox:
-                return
-            batch, sent = self._send()
+    def _send_outcomes(self, batch: list[tuple[str, TaskOutcome]]) -> Awaitable[None]:
+        outcomes = dict(batch)
+        return self._record(outcomes, self._control_plane.finish_tasks_ref(outcomes))
 
     async def _record(self, batch: dict[str, TaskOutcome], sent: ray.ObjectRef) -> None:
         first: ray.ObjectRef | None = sent
 
         async def record() -> list[str]:
             nonlocal first
-            call, first = first or self._control_plane.finish_tasks.remote(batch), None
+            call, first = first or self._control_plane.finish_tasks_ref(batch), None
             return await call  # unreachable (it restarts): the policy sends it again
 
         try:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import inspect
 import types
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
-import ray
 from workflows import Workflow
 
+from ._actors import ControlPlaneHandle, OrchestratorHandle
 from ._client_core import result_value, task_definition
 from ._config import MAX_WAIT_S
 from ._errors import InvalidRequestError, ServiceNotFoundError
@@ -28,16 +29,18 @@ from ._workflows_internals import copy_step_config, steps_of_class
 
 NESTED_ATTR = "_llama_deploy_nested"
 
-# The task a replica is running; set around `workflow.run` so that its steps inherit it.
-CURRENT_TASK: ContextVar[TaskDefinition | None] = ContextVar("current_task", default=None)
 
-# Set in each replica: the actors a nested workflow's child task goes through.
-_actors: dict[str, ray.actor.ActorHandle] = {}
+@dataclass(frozen=True)
+class ParentRun:
+    """The task a replica is running, and the core its child tasks go through."""
+
+    task: TaskDefinition
+    control_plane: ControlPlaneHandle
+    orchestrator: OrchestratorHandle
 
 
-def attach_actors(control_plane: ray.actor.ActorHandle, orchestrator_name: str, ns: str) -> None:
-    _actors["control_plane"] = control_plane
-    _actors["orchestrator"] = ray.get_actor(orchestrator_name, namespace=ns)
+# Set around `workflow.run` in a replica, so that the run's steps inherit it.
+PARENT_RUN: ContextVar[ParentRun | None] = ContextVar("parent_run", default=None)
 
 
 def add_workflows(workflow: Workflow, **workflows: Workflow) -> None:
@@ -94,20 +97,20 @@ class NestedWorkflow:
         self.local = local
 
     async def run(self, **kwargs: Any) -> Any:
-        parent = CURRENT_TASK.get()
+        parent = PARENT_RUN.get()
         if parent is None:  # not in a replica: nothing to delegate to
             return await self.local.run(**kwargs)
         child = task_definition(self.service_name, kwargs).model_copy(
-            update={"session_id": parent.session_id, "parent_task_id": parent.task_id}
+            update={"session_id": parent.task.session_id, "parent_task_id": parent.task.task_id}
         )
         try:
             # the control plane refuses an unknown service before recording anything, so
             # asking for the child task is also how we learn whether the service exists
-            result = await _actors["orchestrator"].run.remote(child)
+            result = await parent.orchestrator.run(child)
         except ServiceNotFoundError:
             return await self.local.run(**kwargs)
         while not result.status.is_final:  # it waits for input; the parent's timeout bounds it
-            result = await _actors["control_plane"].get_task.remote(
+            result = await parent.control_plane.get_task(
                 child.session_id, child.task_id, MAX_WAIT_S
             )
         return result_value(result)

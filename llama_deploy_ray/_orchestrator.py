@@ -9,20 +9,17 @@ that died mid-run, an earlier incarnation of this actor), which it adopts within
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import ray
-
-from ._config import CONTROL_PLANE_ACTOR_NAME, MAX_WAIT_S, SimpleOrchestratorConfig
+from ._actors import ControlPlaneHandle
+from ._config import MAX_WAIT_S, SimpleOrchestratorConfig
 from ._driver import PublishingDriver
-from ._retry import call_actor
 from ._types import TaskDefinition, TaskResult
 
 
 class SimpleOrchestrator:
     def __init__(self, config: SimpleOrchestratorConfig, namespace: str) -> None:
-        self._control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME, namespace=namespace)
+        self._control_plane = ControlPlaneHandle.lookup(namespace)
         self._driver = PublishingDriver(self._control_plane, config)
         # an async actor's __init__ runs on its event loop: a restarted orchestrator starts
         # adopting orphans without waiting for a request
@@ -36,11 +33,7 @@ class SimpleOrchestrator:
         `MAX_WAIT_S` (the caller waits on; every wait here is bounded)."""
         result = await self._driver.run(task)
         if not result.status.is_final:  # parked: wait here, where it holds no replica slot
-            result = await call_actor(
-                functools.partial(
-                    self._control_plane.get_task.remote, task.session_id, task.task_id, MAX_WAIT_S
-                )
-            )
+            result = await self._control_plane.get_task(task.session_id, task.task_id, MAX_WAIT_S)
         return result
 
     async def submit(self, task: TaskDefinition) -> TaskResult:
@@ -54,7 +47,7 @@ class SimpleOrchestrator:
         the service's workflow could not take (an unknown class, fields that do not fit it) is
         refused here, by one of its replicas, not dropped later."""
         await self._driver.check_event(service_name, event)
-        started = await self._control_plane.deliver_event.remote(
+        started = await self._control_plane.deliver_event(
             session_id, task_id, service_name, event, self._driver.driver_id
         )
         if started is not None:

@@ -32,6 +32,7 @@ class PackedWorkflow(BaseModel):
     import_path: str | None = None
     payload: bytes | None = None
     name: str
+    timeout: float | None = None  # the workflow's, when known here (not for an import path)
     nested: dict[str, PackedWorkflow] = {}
 
 
@@ -65,7 +66,13 @@ def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
-    return PackedWorkflow(payload=payload, name=cls.__name__, nested=nested)
+    timeout = options.get("timeout")
+    return PackedWorkflow(
+        payload=payload,
+        name=cls.__name__,
+        nested=nested,
+        timeout=float(timeout) if timeout is not None else None,
+    )
 
 
 def unpack_workflow(packed: PackedWorkflow) -> Workflow:

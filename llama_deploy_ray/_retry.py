@@ -12,6 +12,7 @@ it failed: the retry machinery costs about 60 microseconds a call, most calls su
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,6 +34,12 @@ T = TypeVar("T")
 
 FIRST_WAIT_S = 0.1
 MAX_WAIT_S = 2.0
+
+
+def full_jitter_s(failures: int, first_wait_s: float = FIRST_WAIT_S) -> float:
+    """The policy's wait before attempt `failures + 1`, for loops tenacity cannot drive (a
+    stream that reconnects between the events it yields)."""
+    return random.uniform(0, min(MAX_WAIT_S, first_wait_s * 2 ** (failures - 1)))
 
 
 def actor_unreachable(exc: BaseException) -> bool:

@@ -152,6 +152,26 @@ class ServiceDefinition(BaseModel):
     port: int | None = None
 
 
+class ServiceStatus(BaseModel):
+    """A service as it runs now: its replicas, as Ray Serve reports them, and its unfinished
+    tasks, as the control plane records them."""
+
+    service_name: str
+    status: str = Field(
+        description="Serve's status of the service's application (RUNNING, DEPLOYING, "
+        "UNHEALTHY, ...), or NOT_DEPLOYED when it runs no replicas."
+    )
+    message: str = ""
+    replicas: dict[str, int] = Field(
+        default_factory=dict, description="Replicas by Serve state: RUNNING, STARTING, ..."
+    )
+    tasks: dict[str, int] = Field(
+        default_factory=dict,
+        description="Unfinished tasks by status: pending (queued for their turn or a replica), "
+        "running, waiting (parked for input).",
+    )
+
+
 class QueueMessage(BaseModel):
     """A message on the Ray-native queue: a task published to a service's topic."""
 

@@ -23,10 +23,11 @@ from llama_deploy_ray import (
     TaskStatus,
     deploy_workflow,
 )
+from llama_deploy_ray._api import API_APP_NAME
 from llama_deploy_ray._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 
 from .conftest import service, wait_for
-from .workflows import PidCounterWorkflow, PidHumanWorkflow, SleepWorkflow
+from .workflows import PidCounterWorkflow, PidHumanWorkflow, SleepWorkflow, StreamingWorkflow
 
 SESSIONS = 20
 TASKS_PER_SESSION = 6
@@ -41,6 +42,9 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
         ),
         deploy_workflow(
             PidHumanWorkflow(), service("durable_human", input_hold_s=0.5), control_plane_config
+        ),
+        deploy_workflow(
+            StreamingWorkflow(timeout=120), service("durable_stream"), control_plane_config
         ),
     )
     return control_plane_config
@@ -104,6 +108,28 @@ async def test_control_plane_killed_under_load_loses_nothing(deployed: ControlPl
 @pytest.mark.timeout(420)
 async def test_orchestrator_killed_under_load_loses_nothing(deployed: ControlPlaneConfig) -> None:
     await _kill_under_load(deployed, ORCHESTRATOR_ACTOR_NAME)
+
+
+async def test_an_open_stream_reads_on_through_restarts(deployed: ControlPlaneConfig) -> None:
+    async def restart_under_the_stream() -> None:
+        await asyncio.sleep(1.5)
+        ray.kill(ray.get_actor(CONTROL_PLANE_ACTOR_NAME), no_restart=False)
+        await asyncio.sleep(2.0)
+        for name in ray.util.list_named_actors(all_namespaces=True):
+            if name["name"].startswith(f"SERVE_REPLICA::{API_APP_NAME}#"):
+                ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]))
+
+    async with AsyncLlamaDeployClient(deployed, timeout=120) as client:
+        session = await client.create_session()
+        task_id = await session.run_nowait("durable_stream", n=12, pause=0.5)
+        restarts = asyncio.create_task(restart_under_the_stream())
+        events = [e async for e in session.get_task_result_stream(task_id)]
+        await restarts
+        result = await session.get_task_result(task_id, wait_s=60)
+    # every event once, in order, though the control plane and the API restarted under it
+    assert [e["step"] for e in events] == list(range(12))
+    assert [e["__seq__"] for e in events] == list(range(1, 13))
+    assert result is not None and result.result == "streamed"
 
 
 def test_a_replica_killed_while_its_task_is_parked(deployed: ControlPlaneConfig) -> None:

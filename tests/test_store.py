@@ -81,29 +81,31 @@ async def test_one_turn_of_changes_is_one_commit(tmp_path: Path) -> None:
     assert (await plane.sizes())["store_commits"] - before == 1
 
 
-async def test_a_finished_task_sent_again_is_not_applied_twice(tmp_path: Path) -> None:
-    store = str(tmp_path / "state.sqlite3")
+async def one_finished_task(store: str, session_id: str) -> tuple[ControlPlane, str]:
+    """A control plane on `store` with a service, a session and a task that finished with
+    result 1 and state {"n": 1}."""
     plane = control_plane(store)
     await plane.register_service(ServiceDefinition(service_name="svc"))
-    await plane.create_session("s")
-    task = TaskDefinition(input="{}", agent_id="svc", session_id="s")
+    await plane.create_session(session_id)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
     await plane.begin_task(task, "d")
     await plane.finish_task(task.task_id, TaskOutcome(result=1, state={"n": 1}))
-    await plane.finish_task(task.task_id, TaskOutcome(result=2, state={"n": 2}))  # a retry
+    return plane, task.task_id
+
+
+async def test_a_finished_task_sent_again_is_not_applied_twice(tmp_path: Path) -> None:
+    store = str(tmp_path / "state.sqlite3")
+    plane, task_id = await one_finished_task(store, "s")
+    await plane.finish_task(task_id, TaskOutcome(result=2, state={"n": 2}))  # a retry
     again = control_plane(store)
-    result = await again.get_task("s", task.task_id)
+    result = await again.get_task("s", task_id)
     assert (result.status, result.result) == (TaskStatus.COMPLETED, 1)
     assert await again.get_session_state("s") == {"svc": {"n": 1}}
 
 
 async def test_deleted_records_leave_the_store(tmp_path: Path) -> None:
     store = str(tmp_path / "state.sqlite3")
-    plane = control_plane(store)
-    await plane.register_service(ServiceDefinition(service_name="svc"))
-    await plane.create_session("gone")
-    task = TaskDefinition(input="{}", agent_id="svc", session_id="gone")
-    await plane.begin_task(task, "d")
-    await plane.finish_task(task.task_id, TaskOutcome(result=1, state={"n": 1}))
+    plane, _ = await one_finished_task(store, "gone")
     await plane.delete_session("gone")
     await plane.deregister_service("svc")
     records = open_store(store, "default")

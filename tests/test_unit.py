@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import pickle
+import re
 import time
 
 import pytest
@@ -508,6 +509,7 @@ class _ActorLike:
 
 
 async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fails() -> None:
+    from llama_deploy_ray._actors import ControlPlaneHandle
     from llama_deploy_ray._control_plane import ControlPlane
     from llama_deploy_ray._driver import LocalDriver
     from llama_deploy_ray._types import ServiceDefinition, StartedTask, TaskOutcome, TaskStatus
@@ -524,7 +526,7 @@ async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fai
         await asyncio.sleep(60)
         return TaskOutcome(result="never")
 
-    driver = LocalDriver(_ActorLike(control_plane), run_here)  # type: ignore[arg-type]
+    driver = LocalDriver(ControlPlaneHandle(_ActorLike(control_plane)), run_here)  # type: ignore[arg-type]
 
     def task(**kwargs: object) -> TaskDefinition:
         return TaskDefinition(
@@ -593,3 +595,28 @@ def test_each_use_of_the_workflows_internals_still_holds() -> None:
     Context.from_dict(EchoWorkflow(), internals.with_fresh_run_clock(state))
 
     assert internals.event_fields(Human(response="r", extra=1)) == {"response": "r", "extra": 1}
+
+
+def test_a_stopping_replica_waits_as_long_as_its_workflow_may_run() -> None:
+    from llama_deploy_ray._config import DRAIN_MARGIN_S, DRAIN_WITHOUT_TIMEOUT_S
+
+    config = WorkflowServiceConfig(service_name="svc")
+    assert config.deployment_options(45.0)["graceful_shutdown_timeout_s"] == 45.0 + DRAIN_MARGIN_S
+    assert config.deployment_options(None)["graceful_shutdown_timeout_s"] == DRAIN_WITHOUT_TIMEOUT_S
+    chosen = WorkflowServiceConfig(service_name="svc", graceful_shutdown_timeout_s=5)
+    assert chosen.deployment_options(45.0)["graceful_shutdown_timeout_s"] == 5
+    assert pack_workflow(EchoWorkflow(timeout=12)).timeout == 12.0
+    assert pack_workflow("tests.workflows:EchoWorkflow").timeout is None
+
+
+def test_the_core_actors_are_called_through_their_typed_handles_only() -> None:
+    from pathlib import Path
+
+    package = Path(llama_deploy_ray.__file__).parent
+    for path in package.glob("*.py"):
+        if path.name == "_actors.py":
+            continue
+        source = path.read_text()
+        assert "get_actor(" not in source, f"{path.name} looks an actor up by name"
+        call = re.search(r"(control_plane|orchestrator)\w*\.\w+\.remote\(", source)
+        assert call is None, f"{path.name} calls a core actor without its handle: {call}"

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import ray
 from llama_index.core.workflow import (
     Context,
     Event,
@@ -97,11 +98,11 @@ class Progress(Event):
 
 
 class StreamingWorkflow(Workflow):
-    """Writes three events, `pause` seconds apart."""
+    """Writes `n` events (three by default), `pause` seconds apart."""
 
     @step()
     async def run_step(self, ctx: Context, ev: StartEvent) -> StopEvent:
-        for i in range(3):
+        for i in range(int(ev.get("n", 3))):
             ctx.write_event_to_stream(Progress(step=i))
             await asyncio.sleep(float(ev.get("pause", 0.7)))
         return StopEvent(result="streamed")
@@ -128,6 +129,18 @@ class PidCounterWorkflow(Workflow):
         await ctx.store.set("count", count)
         await asyncio.sleep(float(ev.get("seconds", 0)))
         return StopEvent(result={"count": count, "pid": os.getpid()})
+
+
+class NodeLogWorkflow(Workflow):
+    """Sleeps `seconds`, logs `tag` in `ctx.store`; says which Ray node ran it."""
+
+    @step()
+    async def run_step(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        await asyncio.sleep(float(ev.get("seconds", 0)))
+        log = await ctx.store.get("log", default=[])
+        log.append(ev.get("tag"))
+        await ctx.store.set("log", log)
+        return StopEvent(result={"log": log, "node": ray.get_runtime_context().get_node_id()})
 
 
 class PidHumanWorkflow(Workflow):

@@ -1,0 +1,281 @@
+"""The core's two actors, the control plane and the orchestrator: their names, how they are
+started, and the typed handles every other module calls them through.
+
+A handle's methods are the actor's, typed. Calls that are safe to repeat (reads, and the
+drivers' calls, which the control plane makes idempotent) are sent again while the actor
+restarts (`_retry.call_actor`); the others (creating a session, deleting one, cancelling a
+task, sending an event) are sent once, and a restart shows as `ControlPlaneUnavailableError`
+to whoever asked. Two calls return their ref instead of awaiting it, for callers that send now
+and collect later: `finish_tasks_ref` and `heartbeat_ref`.
+
+    control_plane = ControlPlaneHandle.lookup(namespace)
+    result = await control_plane.get_task(session_id, task_id, wait_s=30)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from ._config import ACTOR_MAX_CONCURRENCY, CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from ._errors import ControlPlaneUnavailableError
+from ._events import EventBatch
+from ._retry import call_actor
+from ._types import (
+    DriverNotice,
+    ServiceDefinition,
+    SessionDefinition,
+    StartedTask,
+    TaskDefinition,
+    TaskOutcome,
+    TaskResult,
+)
+
+# Ray's resource that only the head node has: the core's actors live there, as Serve's
+# controller does, so the control plane's SQLite file is always on the same machine.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def core_actor_options(name: str, namespace: str) -> dict[str, Any]:
+    """One detached, restarting actor of the core, on the head node."""
+    return {
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "max_restarts": -1,
+        "max_concurrency": ACTOR_MAX_CONCURRENCY,
+        "num_cpus": 0,
+        "resources": {HEAD_NODE_RESOURCE: 0.001},
+    }
+
+
+class _Handle:
+    def __init__(self, actor: ActorHandle, name: str) -> None:
+        # Ray's type hints do not know an actor's methods' `.remote`
+        self._actor: Any = actor
+        self._name = name
+
+    async def _call(self, make: Callable[[], Any], *, again: bool = True) -> Any:
+        """Await the call `make()` sends, sent again while the actor restarts if `again`;
+        an actor still unreachable is a `ControlPlaneUnavailableError`."""
+        try:
+            return await (call_actor(make) if again else make())
+        except (RayActorError, ActorUnavailableError) as exc:
+            raise ControlPlaneUnavailableError(
+                f"the core's {self._name} is unreachable ({type(exc).__name__}); Ray restarts "
+                "it within seconds: retry shortly"
+            ) from exc
+
+    def wait_ready(self) -> None:
+        """Block until the actor has started (the control plane loads its store first)."""
+        ray.get(self._actor.ready.remote())
+
+
+def _lookup(name: str, namespace: str) -> ActorHandle:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError as exc:
+        raise ControlPlaneUnavailableError(
+            f"no {name} in the Ray cluster at {ray.get_runtime_context().gcs_address} "
+            f"(namespace {namespace!r}); start the core with deploy_core(...) first"
+        ) from exc
+
+
+class ControlPlaneHandle(_Handle):
+    """The control plane actor (`_control_plane.ControlPlane`), typed."""
+
+    def __init__(self, actor: ActorHandle) -> None:
+        super().__init__(actor, "control plane")
+
+    @classmethod
+    def lookup(cls, namespace: str) -> ControlPlaneHandle:
+        return cls(_lookup(CONTROL_PLANE_ACTOR_NAME, namespace))
+
+    # the cluster
+
+    async def state_secret(self) -> bytes:
+        return await self._call(self._actor.state_secret.remote)
+
+    def state_secret_blocking(self) -> bytes:
+        """For a replica's constructor, which runs before its event loop takes calls."""
+        return ray.get(self._actor.state_secret.remote())
+
+    async def sizes(self) -> dict[str, int]:
+        return await self._call(self._actor.sizes.remote)
+
+    # services
+
+    async def register_service(
+        self,
+        definition: ServiceDefinition,
+        accepted_events: list[str] | None = None,
+        deployment: str | None = None,
+    ) -> ServiceDefinition:
+        return await self._call(
+            functools.partial(
+                self._actor.register_service.remote, definition, accepted_events, deployment
+            )
+        )
+
+    async def deregister_service(self, service_name: str) -> None:
+        await self._call(
+            functools.partial(self._actor.deregister_service.remote, service_name), again=False
+        )
+
+    async def get_service(self, service_name: str) -> ServiceDefinition:
+        return await self._call(functools.partial(self._actor.get_service.remote, service_name))
+
+    async def list_services(self) -> list[ServiceDefinition]:
+        return await self._call(self._actor.list_services.remote)
+
+    async def deployments(self) -> dict[str, str]:
+        return await self._call(self._actor.deployments.remote)
+
+    async def service_tasks(self, service_name: str) -> dict[str, int]:
+        return await self._call(functools.partial(self._actor.service_tasks.remote, service_name))
+
+    # sessions
+
+    async def create_session(self) -> SessionDefinition:
+        return await self._call(self._actor.create_session.remote, again=False)
+
+    async def get_or_create_session(self, session_id: str) -> SessionDefinition:
+        return await self._call(
+            functools.partial(self._actor.get_or_create_session.remote, session_id)
+        )
+
+    async def get_session(self, session_id: str) -> SessionDefinition:
+        return await self._call(functools.partial(self._actor.get_session.remote, session_id))
+
+    async def list_sessions(self, offset: int, limit: int | None) -> list[SessionDefinition]:
+        return await self._call(functools.partial(self._actor.list_sessions.remote, offset, limit))
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._call(
+            functools.partial(self._actor.delete_session.remote, session_id), again=False
+        )
+
+    async def get_session_state(self, session_id: str) -> dict[str, dict[str, Any]]:
+        return await self._call(functools.partial(self._actor.get_session_state.remote, session_id))
+
+    # tasks
+
+    async def create_task(self, task: TaskDefinition, owner: str) -> TaskResult:
+        return await self._call(functools.partial(self._actor.create_task.remote, task, owner))
+
+    async def begin_task(self, task: TaskDefinition, owner: str) -> StartedTask | None:
+        sent = 0
+
+        def begin() -> Any:
+            nonlocal sent
+            sent += 1  # a call sent again says so: the task it may have begun is its own
+            return self._actor.begin_task.remote(task, owner, sent > 1)
+
+        return await self._call(begin)
+
+    async def start_task(self, task_id: str, owner: str) -> StartedTask | None:
+        return await self._call(functools.partial(self._actor.start_task.remote, task_id, owner))
+
+    async def record_retry(self, task_id: str) -> None:
+        await self._call(functools.partial(self._actor.record_retry.remote, task_id))
+
+    async def park_task(self, task_id: str, outcome: TaskOutcome) -> StartedTask | None:
+        return await self._call(functools.partial(self._actor.park_task.remote, task_id, outcome))
+
+    async def deliver_event(
+        self, session_id: str, task_id: str, service_name: str, event: dict[str, Any], owner: str
+    ) -> StartedTask | None:
+        return await self._call(
+            functools.partial(
+                self._actor.deliver_event.remote, session_id, task_id, service_name, event, owner
+            ),
+            again=False,
+        )
+
+    async def read_inbox(self, task_id: str, after: int, wait_s: float) -> EventBatch:
+        return await self._call(
+            functools.partial(self._actor.read_inbox.remote, task_id, after, wait_s)
+        )
+
+    async def append_events(self, task_id: str, events: list[dict[str, Any]]) -> None:
+        await self._call(functools.partial(self._actor.append_events.remote, task_id, events))
+
+    async def read_events(
+        self, session_id: str, task_id: str, after: int, wait_s: float
+    ) -> EventBatch:
+        return await self._call(
+            functools.partial(self._actor.read_events.remote, session_id, task_id, after, wait_s)
+        )
+
+    async def cancel_task(self, session_id: str, task_id: str) -> TaskResult:
+        return await self._call(
+            functools.partial(self._actor.cancel_task.remote, session_id, task_id), again=False
+        )
+
+    async def finish_task(self, task_id: str, outcome: TaskOutcome) -> TaskResult:
+        return await self._call(functools.partial(self._actor.finish_task.remote, task_id, outcome))
+
+    def finish_tasks_ref(self, outcomes: dict[str, TaskOutcome]) -> ray.ObjectRef:
+        """`finish_tasks`, sent now; its ref resolves to what could not be recorded."""
+        return self._actor.finish_tasks.remote(outcomes)
+
+    async def get_task(
+        self, session_id: str | None, task_id: str, wait_s: float = 0.0
+    ) -> TaskResult:
+        return await self._call(
+            functools.partial(self._actor.get_task.remote, session_id, task_id, wait_s)
+        )
+
+    async def list_tasks(self, session_id: str, offset: int, limit: int | None) -> list[TaskResult]:
+        return await self._call(
+            functools.partial(self._actor.list_tasks.remote, session_id, offset, limit)
+        )
+
+    async def get_current_task(self, session_id: str) -> TaskResult | None:
+        return await self._call(functools.partial(self._actor.get_current_task.remote, session_id))
+
+    # drivers
+
+    def heartbeat_ref(self, driver_id: str) -> ray.ObjectRef:
+        return self._actor.heartbeat.remote(driver_id)
+
+    async def watch_driver(
+        self, driver_id: str, wait_s: float, adopt_orphans: bool
+    ) -> DriverNotice:
+        return await self._call(
+            functools.partial(self._actor.watch_driver.remote, driver_id, wait_s, adopt_orphans)
+        )
+
+
+class OrchestratorHandle(_Handle):
+    """The orchestrator actor (`_orchestrator.SimpleOrchestrator`), typed. Its calls are not
+    sent again: a restarted orchestrator drives again what it drove (it adopts the tasks)."""
+
+    def __init__(self, actor: ActorHandle) -> None:
+        super().__init__(actor, "orchestrator")
+
+    @classmethod
+    def lookup(cls, namespace: str) -> OrchestratorHandle:
+        return cls(_lookup(ORCHESTRATOR_ACTOR_NAME, namespace))
+
+    async def run(self, task: TaskDefinition) -> TaskResult:
+        return await self._call(functools.partial(self._actor.run.remote, task), again=False)
+
+    async def submit(self, task: TaskDefinition) -> TaskResult:
+        return await self._call(functools.partial(self._actor.submit.remote, task), again=False)
+
+    async def send_event(
+        self, session_id: str, task_id: str, service_name: str, event: dict[str, Any]
+    ) -> None:
+        await self._call(
+            functools.partial(
+                self._actor.send_event.remote, session_id, task_id, service_name, event
+            ),
+            again=False,
+        )

@@ -1,0 +1,55 @@
+"""One call in flight, the rest coalesced: how a replica sends what it produces quickly (a
+run's streamed events, the outcomes of the runs it finishes) to the control plane.
+
+Items put while a call is on its way go together in the next call, so under load one call
+carries many items, and items leave in the order they were put.
+
+    outbox = Outbox(lambda batch: control_plane.append_events(task_id, batch))
+    outbox.put(event)          # sent at once when no call is on its way
+    left = await outbox.close()  # the call on its way lands; what was not sent is returned
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Outbox(Generic[T]):
+    def __init__(
+        self,
+        send: Callable[[list[T]], Awaitable[Any]],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] = asyncio.ensure_future,
+    ) -> None:
+        """`send(batch)` is called when the batch leaves (a send that makes its call at once,
+        such as an actor call's `.remote`, is on its way before `put` returns); `spawn` runs
+        the background sender (give a driver's, so that draining it waits for the sends)."""
+        self._send = send
+        self._spawn = spawn
+        self._items: list[T] = []
+        self._sending: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        if not self._closed and (self._sending is None or self._sending.done()):
+            self._sending = self._spawn(self._drain(self._send(self._take())))
+
+    async def close(self) -> list[T]:
+        """Send nothing more; wait for the call on its way and return what was left."""
+        self._closed = True
+        if self._sending is not None:
+            await self._sending
+        return self._take()
+
+    def _take(self) -> list[T]:
+        batch, self._items = self._items, []
+        return batch
+
+    async def _drain(self, first: Awaitable[Any]) -> None:
+        await first
+        while self._items and not self._closed:
+            await self._send(self._take())

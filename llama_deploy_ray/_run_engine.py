@@ -1,0 +1,184 @@
+"""The run engine: how a replica runs one task of its workflow, given what it needs.
+
+It restores the session's context for this service, runs the workflow and returns the outcome
+with the context's new state. While it runs, the events the workflow writes to its stream go to
+the control plane in batches (one call in flight, see `_outbox`); the last of them go with the
+outcome.
+
+Human input: once the workflow writes an `InputRequiredEvent`, the engine reads the task's
+inbox on the control plane and sends what arrives into the run. If the workflow still waits
+for input after `input_hold_s`, it snapshots the context and ends the run: the outcome carries
+the snapshot, the task is parked, and any replica resumes it from the snapshot when an event
+arrives (time spent waiting does not count against the workflow's timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+from workflows import Context, Workflow
+from workflows.events import Event, InputRequiredEvent, StopEvent
+from workflows.handler import WorkflowHandler
+
+from . import _nested
+from ._actors import ControlPlaneHandle, OrchestratorHandle
+from ._errors import InvalidRequestError
+from ._events import SEQ_KEY, event_from_dict, event_to_dict
+from ._outbox import Outbox
+from ._state_serializer import SignedStateSerializer
+from ._types import StartedTask, TaskOutcome
+from ._workflows_internals import with_fresh_run_clock
+
+logger = logging.getLogger(__name__)
+
+
+class RunEngine:
+    def __init__(
+        self,
+        workflow: Workflow,
+        *,
+        control_plane: ControlPlaneHandle,
+        orchestrator: OrchestratorHandle,
+        accepted: dict[str, type[Event]],
+        serializer: SignedStateSerializer,
+        input_hold_s: float,
+    ) -> None:
+        self.workflow = workflow
+        self.control_plane = control_plane
+        self.orchestrator = orchestrator
+        self.accepted = accepted  # the event classes clients may send into a run, by name
+        self.serializer = serializer
+        self.input_hold_s = input_hold_s
+
+    async def run(self, started: StartedTask) -> TaskOutcome:
+        """Run (or resume) the task from the state it starts from; its outcome."""
+        task, state, resume = started.task, started.state, started.resume
+        ctx = None
+        if state and not resume:
+            # A new task is a new run on the session's state: its timeout starts from zero,
+            # not from the alive time the session's earlier runs spent.
+            state = with_fresh_run_clock(state)
+        token = _nested.PARENT_RUN.set(
+            _nested.ParentRun(task, self.control_plane, self.orchestrator)
+        )
+        try:
+            if state:
+                ctx = Context.from_dict(self.workflow, state, serializer=self.serializer)
+            handler = self.workflow.run(ctx=ctx, **({} if resume else task.run_kwargs))
+        except Exception as exc:  # its run kwargs, or the session's state, were refused
+            return TaskOutcome(
+                error=f"the workflow could not start the task: {exc}",
+                error_type=type(exc).__name__,
+            )
+        finally:
+            _nested.PARENT_RUN.reset(token)
+        run = _TaskRun(self, task.task_id, handler, started.inbox_seq)
+        return await run.outcome(listen=resume, had_state=state is not None)
+
+
+class _TaskRun:
+    """One run of a workflow in a replica: its result, its stream, its inbox."""
+
+    def __init__(
+        self, engine: RunEngine, task_id: str, handler: WorkflowHandler, inbox_seq: int
+    ) -> None:
+        self._engine = engine
+        self._task_id = task_id
+        self._handler = handler
+        self._inbox_seq = inbox_seq
+        self._awaiting_input = 0
+        self._listener: asyncio.Task[None] | None = None
+        self._snapshot: dict[str, Any] | None = None
+        self._events: Outbox[dict[str, Any]] = Outbox(
+            lambda batch: engine.control_plane.append_events(task_id, batch)
+        )
+
+    async def outcome(self, *, listen: bool, had_state: bool) -> TaskOutcome:
+        if listen:
+            self._awaiting_input = 1
+            self._start_listener()
+        pump = asyncio.create_task(self._pump())
+        try:
+            result = await self._handler
+        except asyncio.CancelledError:  # the orchestrator cancelled the task
+            await self._handler.cancel_run()
+            raise
+        except Exception as exc:
+            if self._snapshot is not None:  # parked: ended on purpose, to wait for input
+                outcome = TaskOutcome(snapshot=self._snapshot, inbox_seq=self._inbox_seq)
+            else:
+                outcome = TaskOutcome(error=str(exc) or repr(exc), error_type=type(exc).__name__)
+        else:
+            outcome = await self._completed(result, had_state)
+        finally:
+            if self._listener is not None:
+                self._listener.cancel()
+        # the stream is complete when the task is reported, so readers see it all: the batch
+        # in flight lands first, and what is left goes with the outcome (one call fewer)
+        with contextlib.suppress(Exception):
+            await pump
+        outcome.events = await self._events.close()
+        return outcome
+
+    async def _completed(self, result: Any, had_state: bool) -> TaskOutcome:
+        try:
+            result = to_jsonable_python(result)
+        except PydanticSerializationError as exc:
+            return TaskOutcome(
+                error=(
+                    f"the workflow returned a {type(result).__name__}, which is not "
+                    f"JSON-serializable ({exc}); return a str, number, list, dict or "
+                    "pydantic model"
+                ),
+                error_type="ResultNotSerializableError",
+            )
+        ctx = self._handler.ctx
+        if not had_state and not (await ctx.store.get_state()).model_dump():
+            # nothing to keep: skip serializing a context whose store was never written
+            return TaskOutcome(result=result)
+        return TaskOutcome(result=result, state=ctx.to_dict(serializer=self._engine.serializer))
+
+    # the stream
+
+    async def _pump(self) -> None:
+        async for event in self._handler.stream_events():
+            if isinstance(event, StopEvent):
+                continue
+            self._events.put(event_to_dict(event))
+            if isinstance(event, InputRequiredEvent):
+                self._awaiting_input += 1
+                self._start_listener()
+
+    # the inbox
+
+    def _start_listener(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        engine = self._engine
+        while True:
+            batch = await engine.control_plane.read_inbox(
+                self._task_id, self._inbox_seq, engine.input_hold_s
+            )
+            for data in batch.events:
+                self._inbox_seq = data[SEQ_KEY]
+                try:
+                    event = event_from_dict(data, engine.accepted)
+                except InvalidRequestError as exc:  # checked when sent: a redeploy changed it
+                    logger.warning("task %s: dropped an event: %s", self._task_id, exc)
+                    continue
+                self._handler.ctx.send_event(event)
+                self._awaiting_input = max(0, self._awaiting_input - 1)
+            if not batch.events and self._awaiting_input > 0:
+                await self._park()
+                return
+
+    async def _park(self) -> None:
+        """Nobody answered in time: keep the run's context and end the run."""
+        self._snapshot = self._handler.ctx.to_dict(serializer=self._engine.serializer)
+        await self._handler.cancel_run()

@@ -1,0 +1,66 @@
+"""The outbox: one call in flight, what is put meanwhile coalesced into the next, in order."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llama_deploy_ray._outbox import Outbox
+
+
+async def test_items_put_during_a_call_go_together_in_the_next() -> None:
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def send(batch: list[int]) -> None:
+        calls.append(batch)
+        await release.wait()
+
+    outbox: Outbox[int] = Outbox(send)
+    outbox.put(1)  # sent at once
+    await asyncio.sleep(0)
+    for item in (2, 3, 4):
+        outbox.put(item)  # a call is on its way: these wait, together
+    await asyncio.sleep(0.01)
+    assert calls == [[1]]
+    release.set()
+    await asyncio.sleep(0.01)
+    assert calls == [[1], [2, 3, 4]]
+    assert await outbox.close() == []
+
+
+async def test_close_waits_for_the_call_on_its_way_and_returns_the_rest() -> None:
+    sent: list[list[str]] = []
+    landed = asyncio.Event()
+
+    async def send(batch: list[str]) -> None:
+        await asyncio.sleep(0.05)
+        sent.append(batch)
+        landed.set()
+
+    outbox: Outbox[str] = Outbox(send)
+    outbox.put("a")
+    outbox.put("b")
+    left = await outbox.close()
+    assert landed.is_set() and sent == [["a"]]  # the call on its way landed first
+    assert left == ["b"]  # the rest is the caller's to send
+    outbox.put("c")  # closed: kept, never sent
+    await asyncio.sleep(0.1)
+    assert sent == [["a"]]
+
+
+def test_a_send_that_calls_at_once_is_on_its_way_before_put_returns() -> None:
+    called: list[list[int]] = []
+
+    async def main() -> None:
+        def send(batch: list[int]) -> asyncio.Future[None]:
+            called.append(batch)  # e.g. an actor call's .remote(): made here, awaited later
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+        outbox: Outbox[int] = Outbox(send)
+        outbox.put(7)
+        assert called == [[7]]
+        await outbox.close()
+
+    asyncio.run(main())
