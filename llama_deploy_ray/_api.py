@@ -81,6 +81,11 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=error.status_code, content=error_to_json(error))
 
 
+def _name(state: Any) -> str:
+    """A state from `serve.status()`: an enum member or, in some fields, its value already."""
+    return str(getattr(state, "value", state))
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class ControlPlaneAPI:
@@ -127,10 +132,10 @@ class ControlPlaneAPI:
         replicas: dict[str, int] = {}
         for deployment in application.deployments.values():
             for state, count in deployment.replica_states.items():
-                replicas[str(state.value)] = replicas.get(str(state.value), 0) + count
+                replicas[_name(state)] = replicas.get(_name(state), 0) + count
         return ServiceStatus(
             service_name=service_name,
-            status=str(application.status.value),
+            status=_name(application.status),
             message=application.message,
             replicas=replicas,
             tasks=tasks,

@@ -37,7 +37,7 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
         target_ongoing_requests=2,
         upscale_delay_s=0,
         downscale_delay_s=2,
-        look_back_period_s=2,
+        look_back_period_s=12,  # Serve wants it above its 10 s metrics interval
     )
     await asyncio.gather(
         deploy_workflow(
@@ -112,9 +112,7 @@ async def test_a_downscale_waits_for_runs_longer_than_serves_default_drain(
 def test_the_http_api_runs_on_two_replicas(deployed: ControlPlaneConfig) -> None:
     # the shared core sets CONTROL_PLANE_API_REPLICAS=2: every test goes through both
     api = serve.status().applications[API_APP_NAME]
-    states = {
-        str(s.value): n for d in api.deployments.values() for s, n in d.replica_states.items()
-    }
+    states = {str(s): n for d in api.deployments.values() for s, n in d.replica_states.items()}
     assert states.get("RUNNING") == 2, states
 
 
