@@ -117,10 +117,10 @@ async def deploy_workflow(
     existing = {s.service_name: s for s in await control_plane.list_services()}
     if existing.get(definition.service_name, definition) != definition:
         await control_plane.register_service(definition)  # raises ServiceConflictError
-    await _run_service(ServiceDeployment(workflow=packed, config=workflow_config), config)
+    service = ServiceDeployment(workflow=packed, config=workflow_config)
+    await _run_service(service, config)
     events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
-    stored = ServiceDeployment(workflow=packed, config=workflow_config).model_dump_json()
-    return await control_plane.register_service(definition, events, stored)
+    return await control_plane.register_service(definition, events, service.model_dump_json())
 
 
 async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -> None:
