@@ -98,11 +98,11 @@ def test_a_worker_node_lost_under_load_loses_no_task(cluster) -> None:
     ray_cluster, config, workers = cluster
 
     async def scenario() -> tuple[list[list[dict]], float]:
+        # the nodes that hold a replica now (the spare one holds none)
+        serving = {r["node"] for session in await _run_sessions(config, 1) for r in session}
+        lost = next(w for w in workers if w.node_id in serving)
         running = asyncio.ensure_future(_run_sessions(config, TASKS_PER_SESSION))
         await asyncio.sleep(3)  # tasks run on both replicas
-        nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-        busy = [w for w in workers if w.node_id in nodes]
-        lost = busy[0]
         start = time.monotonic()
         await asyncio.to_thread(ray_cluster.remove_node, lost, False)  # no graceful exit
         results = await running
