@@ -555,7 +555,8 @@ class ControlPlane:
         cancelled, driver.cancelled = driver.cancelled, []
         driver.wake.clear()
         orphaned = self._adopt_orphans(driver_id) if adopt_orphans else []
-        await self._persist(*(("task", t) for t in orphaned))
+        if orphaned:  # a watch that changed nothing commits nothing (every 5 s, every driver)
+            await self._persist(*(("task", t) for t in orphaned))
         return DriverNotice(cancelled=cancelled, orphaned=orphaned)
 
     # the store
