@@ -149,8 +149,8 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
         deploy_core,
         deploy_workflow,
     )
-    from llama_deploy_ray._client import PooledTransport
-    from llama_deploy_ray._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+    from llama_deploy_ray._client.clients import PooledTransport
+    from llama_deploy_ray._shared.config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     class BareWorkflow:

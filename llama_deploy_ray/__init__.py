@@ -3,8 +3,15 @@
 from llama_deploy_ray import deploy_core, deploy_workflow, LlamaDeployClient
 """
 
-from ._client import AsyncLlamaDeployClient, AsyncSessionClient, LlamaDeployClient, SessionClient
-from ._config import (
+from ._client.clients import (
+    AsyncLlamaDeployClient,
+    AsyncSessionClient,
+    LlamaDeployClient,
+    SessionClient,
+)
+from ._cluster.deploy import deploy_core, deploy_workflow
+from ._cluster.nested import add_workflows
+from ._shared.config import (
     AutoscalingConfig,
     ControlPlaneConfig,
     RayActorOptions,
@@ -12,8 +19,7 @@ from ._config import (
     SimpleOrchestratorConfig,
     WorkflowServiceConfig,
 )
-from ._deploy import deploy_core, deploy_workflow
-from ._errors import (
+from ._shared.errors import (
     ControlPlaneUnavailableError,
     ForbiddenError,
     InvalidRequestError,
@@ -32,8 +38,7 @@ from ._errors import (
     TaskTimeoutError,
     UnauthorizedError,
 )
-from ._nested import add_workflows
-from ._types import (
+from ._shared.types import (
     QueueMessage,
     ServiceDefinition,
     ServiceStatus,

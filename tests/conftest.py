@@ -26,6 +26,7 @@ from llama_deploy_ray import (
     RayActorOptions,
     WorkflowServiceConfig,
 )
+from llama_deploy_ray._shared.config import workflow_route
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -160,6 +161,10 @@ def service(name: str, **options) -> WorkflowServiceConfig:
     return WorkflowServiceConfig(
         service_name=name, ray_actor_options=RayActorOptions(num_cpus=0), **options
     )
+
+
+def run_url(config: ControlPlaneConfig, service_name: str, session_id: str) -> str:
+    return f"{config.url}{workflow_route(service_name)}/sessions/{session_id}/run"
 
 
 # Each test module defines a `deployed` fixture (its services); these clients point at it.

@@ -29,7 +29,7 @@ from llama_deploy_ray import (
     TaskTimeoutError,
     deploy_workflow,
 )
-from llama_deploy_ray._config import workflow_route
+from llama_deploy_ray._shared.config import workflow_route
 
 from .conftest import service, wait_for
 from .workflows import (
@@ -345,7 +345,7 @@ async def test_async_client_methods(aclient: AsyncLlamaDeployClient) -> None:
 def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client) -> None:
     import ray
 
-    from llama_deploy_ray._config import ORCHESTRATOR_ACTOR_NAME
+    from llama_deploy_ray._shared.config import ORCHESTRATOR_ACTOR_NAME
 
     session = client.create_session()
     task_id = session.run_nowait("sleep", seconds=2, tag="survivor")

@@ -23,8 +23,8 @@ from llama_deploy_ray import (
     TaskStatus,
     deploy_workflow,
 )
-from llama_deploy_ray._api import API_APP_NAME
-from llama_deploy_ray._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from llama_deploy_ray._cluster.api import API_APP_NAME
+from llama_deploy_ray._shared.config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 
 from .conftest import service, wait_for
 from .workflows import PidCounterWorkflow, PidHumanWorkflow, SleepWorkflow, StreamingWorkflow

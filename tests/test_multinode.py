@@ -23,7 +23,7 @@ from llama_deploy_ray import (
     deploy_core,
     deploy_workflow,
 )
-from llama_deploy_ray._config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+from llama_deploy_ray._shared.config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
 
 from .conftest import _free_port, stop_shared_core, wait_for
 from .workflows import NodeLogWorkflow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from llama_deploy_ray._outbox import Outbox
+from llama_deploy_ray._cluster.outbox import Outbox
 
 
 async def test_items_put_during_a_call_go_together_in_the_next() -> None:

@@ -19,7 +19,7 @@ from llama_deploy_ray import (
     TaskStatus,
     deploy_workflow,
 )
-from llama_deploy_ray._api import API_APP_NAME
+from llama_deploy_ray._cluster.api import API_APP_NAME
 
 from .conftest import service, wait_for
 from .workflows import SleepWorkflow

@@ -28,8 +28,8 @@ from llama_deploy_ray import (
     UnauthorizedError,
     deploy_workflow,
 )
-from llama_deploy_ray._config import workflow_route
-from llama_deploy_ray._guard import _KV_KEY, REFRESH_S, publish_guard
+from llama_deploy_ray._cluster.guard import _KV_KEY, REFRESH_S, publish_guard
+from llama_deploy_ray._shared.config import workflow_route
 
 from .conftest import service, wait_for
 from .workflows import ChatWorkflow, EchoWorkflow, StreamingWorkflow

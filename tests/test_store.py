@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from llama_deploy_ray import InvalidRequestError, TaskDefinition, TaskStatus
-from llama_deploy_ray._control_plane import ControlPlane
-from llama_deploy_ray._events import DROPPED_TYPE, TYPE_KEY
-from llama_deploy_ray._store import open_store
-from llama_deploy_ray._types import ServiceDefinition, TaskOutcome
+from llama_deploy_ray._cluster.control_plane import ControlPlane
+from llama_deploy_ray._cluster.store import open_store
+from llama_deploy_ray._shared.events import DROPPED_TYPE, TYPE_KEY
+from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome
 
 SECRET = b"k" * 32
 

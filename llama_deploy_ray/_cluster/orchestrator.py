@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._actors import ControlPlaneHandle
-from ._config import MAX_WAIT_S, SimpleOrchestratorConfig
-from ._driver import PublishingDriver
-from ._types import TaskDefinition, TaskResult
+from .._shared.config import MAX_WAIT_S, SimpleOrchestratorConfig
+from .._shared.types import TaskDefinition, TaskResult
+from .actors import ControlPlaneHandle
+from .driver import PublishingDriver
 
 
 class SimpleOrchestrator:

@@ -41,8 +41,8 @@ import time
 from collections import deque
 from typing import Any
 
-from ._config import DRIVER_SILENCE_S, RETENTION_SWEEP_S
-from ._errors import (
+from .._shared.config import DRIVER_SILENCE_S, RETENTION_SWEEP_S
+from .._shared.errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
     ServiceConflictError,
@@ -51,8 +51,18 @@ from ._errors import (
     TaskNotFoundError,
     TaskStateError,
 )
-from ._events import TYPE_KEY, EventBatch, EventLog
-from ._store import (
+from .._shared.events import TYPE_KEY, EventBatch, EventLog
+from .._shared.types import (
+    DriverNotice,
+    ServiceDefinition,
+    SessionDefinition,
+    StartedTask,
+    TaskDefinition,
+    TaskOutcome,
+    TaskResult,
+    TaskStatus,
+)
+from .store import (
     Batch,
     EventAppend,
     EventLogName,
@@ -62,16 +72,6 @@ from ._store import (
     StoredTask,
     Table,
     open_store,
-)
-from ._types import (
-    DriverNotice,
-    ServiceDefinition,
-    SessionDefinition,
-    StartedTask,
-    TaskDefinition,
-    TaskOutcome,
-    TaskResult,
-    TaskStatus,
 )
 
 logger = logging.getLogger(__name__)

@@ -15,9 +15,7 @@ from pydantic import BaseModel
 from ray import serve
 from workflows import Workflow
 
-from ._actors import ControlPlaneHandle, OrchestratorHandle, core_actor_options
-from ._api import API_APP_NAME, ControlPlaneAPI
-from ._config import (
+from .._shared.config import (
     CONTROL_PLANE_ACTOR_NAME,
     ORCHESTRATOR_ACTOR_NAME,
     SERVE_FAST_MODE_ENV,
@@ -27,14 +25,16 @@ from ._config import (
     WorkflowServiceConfig,
     workflow_route,
 )
-from ._control_plane import ControlPlane
-from ._errors import ControlPlaneUnavailableError, InvalidRequestError
-from ._events import accepted_events
-from ._guard import publish_guard
-from ._orchestrator import SimpleOrchestrator
-from ._packaging import PackedWorkflow, pack_workflow
-from ._service import WorkflowService
-from ._types import ServiceDefinition
+from .._shared.errors import ControlPlaneUnavailableError, InvalidRequestError
+from .._shared.events import accepted_events
+from .._shared.types import ServiceDefinition
+from .actors import ControlPlaneHandle, OrchestratorHandle, core_actor_options
+from .api import API_APP_NAME, ControlPlaneAPI
+from .control_plane import ControlPlane
+from .guard import publish_guard
+from .orchestrator import SimpleOrchestrator
+from .packaging import PackedWorkflow, pack_workflow
+from .service import WorkflowService
 
 logger = logging.getLogger(__name__)
 

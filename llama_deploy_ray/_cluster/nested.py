@@ -20,12 +20,12 @@ from typing import Any
 
 from workflows import Workflow
 
-from ._actors import ControlPlaneHandle, OrchestratorHandle
-from ._client_core import result_value, task_definition
-from ._config import MAX_WAIT_S
-from ._errors import InvalidRequestError, ServiceNotFoundError
-from ._types import TaskDefinition
-from ._workflows_internals import copy_step_config, steps_of_class
+from .._client.core import result_value, task_definition
+from .._shared.config import MAX_WAIT_S
+from .._shared.errors import InvalidRequestError, ServiceNotFoundError
+from .._shared.types import TaskDefinition
+from .._shared.workflows_internals import copy_step_config, steps_of_class
+from .actors import ControlPlaneHandle, OrchestratorHandle
 
 NESTED_ATTR = "_llama_deploy_nested"
 

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._config import ID_PATTERN, MAX_JSON_DEPTH
-from ._errors import InvalidRequestError
+from .config import ID_PATTERN, MAX_JSON_DEPTH
+from .errors import InvalidRequestError
 
 
 def _new_id() -> str:

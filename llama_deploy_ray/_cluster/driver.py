@@ -30,18 +30,18 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from ._actors import ControlPlaneHandle
-from ._config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
-from ._message_queue import RayMessageQueue
-from ._outbox import Outbox
-from ._retry import actor_unreachable, call_retrying
-from ._types import (
+from .._shared.config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
+from .._shared.retry import actor_unreachable, call_retrying
+from .._shared.types import (
     QueueMessage,
     StartedTask,
     TaskDefinition,
     TaskOutcome,
     TaskResult,
 )
+from .actors import ControlPlaneHandle
+from .message_queue import RayMessageQueue
+from .outbox import Outbox
 
 logger = logging.getLogger(__name__)
 

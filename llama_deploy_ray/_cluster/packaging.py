@@ -18,9 +18,9 @@ import cloudpickle
 from pydantic import BaseModel, ConfigDict
 from workflows import Workflow
 
-from ._errors import InvalidRequestError
-from ._nested import NESTED_ATTR, add_workflows, bound_step_names
-from ._workflows_internals import FRAMEWORK_ATTRS, init_options
+from .._shared.errors import InvalidRequestError
+from .._shared.workflows_internals import FRAMEWORK_ATTRS, init_options
+from .nested import NESTED_ATTR, add_workflows, bound_step_names
 
 
 class PackedWorkflow(BaseModel):

@@ -22,11 +22,15 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from ._config import ACTOR_MAX_CONCURRENCY, CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
-from ._errors import ControlPlaneUnavailableError
-from ._events import EventBatch
-from ._retry import call_actor
-from ._types import (
+from .._shared.config import (
+    ACTOR_MAX_CONCURRENCY,
+    CONTROL_PLANE_ACTOR_NAME,
+    ORCHESTRATOR_ACTOR_NAME,
+)
+from .._shared.errors import ControlPlaneUnavailableError
+from .._shared.events import EventBatch
+from .._shared.retry import call_actor
+from .._shared.types import (
     DriverNotice,
     ServiceDefinition,
     SessionDefinition,

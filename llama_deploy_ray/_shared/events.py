@@ -26,8 +26,8 @@ from pydantic_core import to_jsonable_python
 from workflows import Workflow
 from workflows.events import Event, HumanResponseEvent
 
-from ._errors import InvalidRequestError
-from ._workflows_internals import event_fields, events_taken_by, steps_of
+from .errors import InvalidRequestError
+from .workflows_internals import event_fields, events_taken_by, steps_of
 
 TYPE_KEY = "__type__"
 SEQ_KEY = "__seq__"

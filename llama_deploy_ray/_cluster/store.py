@@ -26,8 +26,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
-from ._errors import InvalidRequestError
-from ._types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
+from .._shared.errors import InvalidRequestError
+from .._shared.types import ServiceDefinition, SessionDefinition, TaskDefinition, TaskResult
 
 Table = Literal["meta", "service", "session", "task", "state"]
 TABLES: tuple[Table, ...] = ("meta", "service", "session", "task", "state")

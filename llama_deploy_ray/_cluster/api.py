@@ -19,20 +19,18 @@ from pydantic import BaseModel, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
 
-from ._actors import ControlPlaneHandle, OrchestratorHandle
-from ._config import (
+from .._shared.config import (
     ID_PATTERN,
     MAX_WAIT_S,
     PAGE_SIZE,
 )
-from ._errors import (
+from .._shared.errors import (
     LlamaDeployError,
     error_to_answer,
     error_to_json,
 )
-from ._events import SEQ_KEY, TYPE_KEY, EventBatch
-from ._guard import HEALTH_PATH, GuardMiddleware, RequestGuard
-from ._types import (
+from .._shared.events import SEQ_KEY, TYPE_KEY, EventBatch
+from .._shared.types import (
     Id,
     ServiceDefinition,
     ServiceStatus,
@@ -41,6 +39,8 @@ from ._types import (
     TaskResult,
     check_json_depth,
 )
+from .actors import ControlPlaneHandle, OrchestratorHandle
+from .guard import HEALTH_PATH, GuardMiddleware, RequestGuard
 
 API_APP_NAME = "llama_deploy_control_plane"
 # Far past any listing's end, and within what Python's slicing takes.

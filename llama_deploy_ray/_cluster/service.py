@@ -21,22 +21,22 @@ from ray.exceptions import RayActorError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ._actors import ControlPlaneHandle, OrchestratorHandle
-from ._config import ID_PATTERN
-from ._driver import LocalDriver
-from ._errors import (
+from .._shared.config import ID_PATTERN
+from .._shared.errors import (
     InvalidRequestError,
     LlamaDeployError,
     NotFoundError,
     error_to_answer,
     error_to_json,
 )
-from ._events import accepted_events, event_from_dict
-from ._guard import RequestGuard
-from ._packaging import PackedWorkflow, unpack_workflow
-from ._run_engine import RunEngine
-from ._state_serializer import SignedStateSerializer
-from ._types import QueueMessage, TaskDefinition, TaskOutcome
+from .._shared.events import accepted_events, event_from_dict
+from .._shared.types import QueueMessage, TaskDefinition, TaskOutcome
+from .actors import ControlPlaneHandle, OrchestratorHandle
+from .driver import LocalDriver
+from .guard import RequestGuard
+from .packaging import PackedWorkflow, unpack_workflow
+from .run_engine import RunEngine
+from .state_serializer import SignedStateSerializer
 
 _ID = re.compile(ID_PATTERN)
 

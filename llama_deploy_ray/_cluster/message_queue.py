@@ -14,8 +14,8 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from ._errors import ServiceNotFoundError
-from ._types import QueueMessage
+from .._shared.errors import ServiceNotFoundError
+from .._shared.types import QueueMessage
 
 
 class RayMessageQueue:

@@ -31,8 +31,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._config import ControlPlaneConfig
-from ._errors import (
+from .._shared.config import ControlPlaneConfig
+from .._shared.errors import (
     ForbiddenError,
     LlamaDeployError,
     PayloadTooLargeError,

@@ -24,14 +24,14 @@ from workflows import Context, Workflow
 from workflows.events import Event, InputRequiredEvent, StopEvent
 from workflows.handler import WorkflowHandler
 
-from . import _nested
-from ._actors import ControlPlaneHandle, OrchestratorHandle
-from ._errors import InvalidRequestError
-from ._events import SEQ_KEY, event_from_dict, event_to_dict
-from ._outbox import Outbox
-from ._state_serializer import SignedStateSerializer
-from ._types import StartedTask, TaskOutcome
-from ._workflows_internals import with_fresh_run_clock
+from .._shared.errors import InvalidRequestError
+from .._shared.events import SEQ_KEY, event_from_dict, event_to_dict
+from .._shared.types import StartedTask, TaskOutcome
+from .._shared.workflows_internals import with_fresh_run_clock
+from .actors import ControlPlaneHandle, OrchestratorHandle
+from .nested import PARENT_RUN, ParentRun
+from .outbox import Outbox
+from .state_serializer import SignedStateSerializer
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ class RunEngine:
             # A new task is a new run on the session's state: its timeout starts from zero,
             # not from the alive time the session's earlier runs spent.
             state = with_fresh_run_clock(state)
-        token = _nested.PARENT_RUN.set(
-            _nested.ParentRun(task, self.control_plane, self.orchestrator)
-        )
+        token = PARENT_RUN.set(ParentRun(task, self.control_plane, self.orchestrator))
         try:
             if state:
                 ctx = Context.from_dict(self.workflow, state, serializer=self.serializer)
@@ -75,7 +73,7 @@ class RunEngine:
                 error_type=type(exc).__name__,
             )
         finally:
-            _nested.PARENT_RUN.reset(token)
+            PARENT_RUN.reset(token)
         run = _TaskRun(self, task.task_id, handler, started.inbox_seq)
         return await run.outcome(listen=resume, had_state=state is not None)
 

@@ -16,8 +16,8 @@ import httpx
 from pydantic import TypeAdapter
 from workflows.events import Event
 
-from ._config import MAX_WAIT_S, PAGE_SIZE, workflow_route
-from ._errors import (
+from .._shared.config import MAX_WAIT_S, PAGE_SIZE, workflow_route
+from .._shared.errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
     LlamaDeployError,
@@ -29,9 +29,9 @@ from ._errors import (
     TaskTimeoutError,
     error_from_json,
 )
-from ._events import SEQ_KEY, event_to_dict
-from ._retry import full_jitter_s
-from ._types import (
+from .._shared.events import SEQ_KEY, event_to_dict
+from .._shared.retry import full_jitter_s
+from .._shared.types import (
     ServiceDefinition,
     ServiceStatus,
     SessionDefinition,

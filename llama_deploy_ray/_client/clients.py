@@ -14,18 +14,18 @@ from typing import Any
 import httpx
 from workflows.events import Event
 
-from . import _client_core as core
-from ._client_core import DEFAULT_POLL_INTERVAL, Call
-from ._config import ControlPlaneConfig
-from ._errors import LlamaDeployError
-from ._retry import call_retrying, call_retrying_sync
-from ._types import (
+from .._shared.config import ControlPlaneConfig
+from .._shared.errors import LlamaDeployError
+from .._shared.retry import call_retrying, call_retrying_sync
+from .._shared.types import (
     ServiceDefinition,
     ServiceStatus,
     SessionDefinition,
     TaskDefinition,
     TaskResult,
 )
+from . import core
+from .core import DEFAULT_POLL_INTERVAL, Call
 
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
 

@@ -28,7 +28,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from ._config import RECORD_BUDGET_S
+from .config import RECORD_BUDGET_S
 
 T = TypeVar("T")
 

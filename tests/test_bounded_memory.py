@@ -1,0 +1,99 @@
+"""Bounded memory on a real local Ray: capped streams, paged listings, sessions forgotten."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import pytest_asyncio
+import ray
+
+from llama_deploy_ray import (
+    ControlPlaneConfig,
+    LlamaDeployClient,
+    deploy_workflow,
+)
+from llama_deploy_ray._cluster.control_plane import ControlPlane
+
+from .conftest import MAX_EVENTS_PER_TASK, service, wait_for
+from .workflows import (
+    ManyEventsWorkflow,
+)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConfig:
+    await deploy_workflow(ManyEventsWorkflow(), service("many_events"), control_plane_config)
+    return control_plane_config
+
+
+# bounded memory
+
+
+def test_a_stream_past_its_cap_drops_its_oldest_events_with_a_marker(
+    client: LlamaDeployClient,
+) -> None:
+    extra = 100
+    session = client.create_session()
+    task_id = session.run_nowait("many_events", n=MAX_EVENTS_PER_TASK + extra)
+    assert session.get_task_result(task_id, wait_s=30) is not None
+    events = list(session.get_task_result_stream(task_id))
+    marker, kept = events[0], events[1:]
+    assert (marker["__type__"], marker["dropped"], marker["__seq__"]) == (
+        "EventsDropped",
+        extra,
+        extra,
+    )
+    assert [e["step"] for e in kept] == list(range(extra, MAX_EVENTS_PER_TASK + extra))
+    assert kept[-1]["__seq__"] == MAX_EVENTS_PER_TASK + extra
+    resumed = list(session.get_task_result_stream(task_id, after=kept[9]["__seq__"]))
+    assert resumed == kept[10:]
+
+
+def test_listings_come_a_page_at_a_time(
+    client: LlamaDeployClient, deployed: ControlPlaneConfig
+) -> None:
+    for _ in range(3):
+        client.create_session()
+    page = httpx.get(f"{deployed.url}/sessions", params={"limit": 2}, timeout=30)
+    assert page.is_success and len(page.json()) == 2
+    next_page = httpx.get(f"{deployed.url}/sessions", params={"offset": 2, "limit": 2}, timeout=30)
+    assert {s["session_id"] for s in page.json()}.isdisjoint(
+        s["session_id"] for s in next_page.json()
+    )
+    too_many = httpx.get(f"{deployed.url}/sessions", params={"limit": 100_000}, timeout=30)
+    assert too_many.status_code == 422
+
+
+@pytest.mark.timeout(600)
+def test_a_hundred_thousand_sessions_are_forgotten_on_time(control_plane_config) -> None:
+    # a control plane of its own, so that its memory is this test's alone; creating 100,000
+    # sessions takes about a minute here, so they are kept 120 s
+    actor = (
+        ray.remote(ControlPlane)
+        .options(num_cpus=0)
+        .remote(task_retention_s=1.0, session_retention_s=120.0, state_secret=b"s" * 32)
+    )
+    ray.get(actor.ready.remote())
+
+    def create(count: int) -> None:
+        for _ in range(count // 10_000):
+            ray.get([actor.create_session.remote() for _ in range(10_000)])
+
+    def sizes() -> dict[str, int]:
+        return ray.get(actor.sizes.remote())
+
+    create(10_000)  # Ray's own per-call memory settles first
+    baseline = sizes()
+    create(100_000)
+    full = sizes()
+    assert full["sessions"] >= 100_000
+    grown = full["rss_bytes"] - baseline["rss_bytes"]
+    assert grown > 50_000_000  # they took memory
+    # no task ends meanwhile: only the retention timer can forget them
+    after = wait_for(
+        lambda: (s := sizes())["sessions"] == 0 and s,
+        timeout_s=300,
+        what="the idle sessions to be dropped",
+    )
+    assert after["rss_bytes"] - baseline["rss_bytes"] < 0.2 * grown, (baseline, full, after)
+    ray.kill(actor)

@@ -1,0 +1,173 @@
+"""The control plane's logic, called in-process: retention, outcomes, drivers and adoption, streams
+and inboxes, one task per id."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llama_deploy_ray import (
+    InvalidRequestError,
+    TaskDefinition,
+    TaskNotFoundError,
+)
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retention() -> None:
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome
+
+    control_plane = ControlPlane(task_retention_s=0.2, session_retention_s=0.4, state_secret=SECRET)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session = await control_plane.create_session()
+
+    async def run_one() -> str:
+        task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+        await control_plane.begin_task(task, "driver")
+        await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
+        return task.task_id
+
+    old = [await run_one() for _ in range(5)]
+    assert (await control_plane.sizes())["tasks"] == 5
+    await asyncio.sleep(0.3)
+    recent = await run_one()  # finishing a task drops what is past its retention
+    assert [t.task_id for t in await control_plane.list_tasks(session.session_id)] == [recent]
+    with pytest.raises(TaskNotFoundError):
+        await control_plane.get_task(session.session_id, old[0])
+    await asyncio.sleep(0.5)
+    other = await control_plane.create_session()
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=other.session_id)
+    await control_plane.begin_task(task, "driver")
+    await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
+    assert session.session_id not in {s.session_id for s in await control_plane.list_sessions()}
+    assert (await control_plane.sizes())["sessions"] == 1
+
+
+async def test_outcomes_recorded_together_move_each_line_on_and_name_unknown_tasks() -> None:
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome, TaskStatus
+
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    sessions = [await control_plane.create_session() for _ in range(2)]
+    tasks = [TaskDefinition(input="{}", agent_id="svc", session_id=s.session_id) for s in sessions]
+    for task in tasks:
+        await control_plane.begin_task(task, "driver")
+    later = TaskDefinition(input="{}", agent_id="svc", session_id=sessions[0].session_id)
+    waiting = asyncio.create_task(control_plane.begin_task(later, "driver"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # in its session's line behind tasks[0]
+
+    outcomes = {t.task_id: TaskOutcome(result=i, state={"n": i}) for i, t in enumerate(tasks)}
+    problems = await control_plane.finish_tasks({**outcomes, "gone": TaskOutcome(result=0)})
+
+    assert len(problems) == 1 and "gone" in problems[0]
+    for i, task in enumerate(tasks):
+        result = await control_plane.get_task(task.session_id, task.task_id)
+        assert (result.status, result.result) == (TaskStatus.COMPLETED, i)
+    started = await asyncio.wait_for(waiting, 5)
+    assert started is not None and started.state == {"n": 0}
+
+
+async def test_a_driver_hears_of_its_cancelled_tasks_and_a_silent_drivers_tasks_are_adopted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llama_deploy_ray._cluster import control_plane as _control_plane
+    from llama_deploy_ray._shared.types import ServiceDefinition
+
+    monkeypatch.setattr(_control_plane, "DRIVER_SILENCE_S", 0.2)
+    control_plane = _control_plane.ControlPlane(
+        task_retention_s=60, session_retention_s=60, state_secret=SECRET
+    )
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session = await control_plane.create_session()
+
+    def new_task() -> TaskDefinition:
+        return TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+
+    cancelled, orphan, other_session_task = new_task(), new_task(), new_task()
+    await control_plane.begin_task(cancelled, "api")
+    watch = asyncio.ensure_future(control_plane.watch_driver("api", wait_s=5))
+    await asyncio.sleep(0.05)
+    assert not watch.done()  # nothing to say: the watch waits
+    await control_plane.cancel_task(session.session_id, cancelled.task_id)
+    notice = await asyncio.wait_for(watch, timeout=1)
+    assert notice.cancelled == [cancelled.task_id]
+
+    await control_plane.create_task(orphan, "dead")  # a driver that never watches again
+    other = await control_plane.create_session()
+    other_session_task = other_session_task.model_copy(update={"session_id": other.session_id})
+    await control_plane.create_task(other_session_task, "api")
+    await asyncio.sleep(0.3)
+    await control_plane.watch_driver("api", wait_s=0)  # "api" is alive: it keeps watching
+    notice = await control_plane.watch_driver("orchestrator", wait_s=0, adopt_orphans=True)
+    assert notice.orphaned == [orphan.task_id]
+    # adopted once: a later watch finds nothing more
+    notice = await control_plane.watch_driver("orchestrator", wait_s=0, adopt_orphans=True)
+    assert notice.orphaned == []
+    started = await control_plane.start_task(orphan.task_id, "orchestrator")
+    assert started is not None and started.task.task_id == orphan.task_id
+
+
+async def test_a_stream_drops_its_oldest_events_past_its_cap_and_an_inbox_refuses() -> None:
+    from llama_deploy_ray._shared.events import DROPPED_TYPE, SEQ_KEY, TYPE_KEY, EventLog
+
+    stream = EventLog(max_events=3)
+    stream.extend({"n": i} for i in range(5))
+    batch = await stream.read(after=0, wait_s=0)
+    assert batch.events[0] == {TYPE_KEY: DROPPED_TYPE, "dropped": 2, SEQ_KEY: 2}
+    assert [(e["n"], e[SEQ_KEY]) for e in batch.events[1:]] == [(2, 3), (3, 4), (4, 5)]
+    assert [e["n"] for e in (await stream.read(after=3, wait_s=0)).events] == [3, 4]
+    assert (await stream.read(after=1, wait_s=0)).events[0]["dropped"] == 1
+    assert len(stream) == 5
+
+    inbox = EventLog(max_events=2, full="refuse")
+    inbox.extend([{"n": 0}, {"n": 1}])
+    with pytest.raises(InvalidRequestError, match="the most one task takes"):
+        inbox.extend([{"n": 2}])
+    assert len(inbox) == 2
+
+
+async def test_a_task_is_created_once_runs_under_one_owner_and_stays_in_its_session() -> None:
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._shared.types import ServiceDefinition
+
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session, other = await control_plane.create_session(), await control_plane.create_session()
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+    first = await control_plane.create_task(task, "driver")
+    assert await control_plane.create_task(task, "another") == first  # a retry: the same task
+    assert await control_plane.begin_task(task, "another") is None  # not started a second time
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        await control_plane.create_task(task.model_copy(update={"input": '{"a": 1}'}), "driver")
+    assert len(await control_plane.list_tasks(session.session_id)) == 1
+
+    assert await control_plane.start_task(task.task_id, "another") is None  # not its owner
+    started = await control_plane.start_task(task.task_id, "driver")
+    assert started is not None and started.running.status.value == "running"
+
+    foreign_child = TaskDefinition(
+        input="{}", agent_id="svc", session_id=other.session_id, parent_task_id=task.task_id
+    )
+    with pytest.raises(InvalidRequestError, match="is not a task of session"):
+        await control_plane.create_task(foreign_child, "driver")
+
+
+async def test_retention_runs_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_deploy_ray._cluster import control_plane as _control_plane
+
+    monkeypatch.setattr(_control_plane, "RETENTION_SWEEP_S", 0.1)
+    control_plane = _control_plane.ControlPlane(
+        task_retention_s=0.1, session_retention_s=0.2, state_secret=SECRET
+    )
+    await control_plane.ready()
+    for _ in range(10):
+        await control_plane.create_session()
+    assert (await control_plane.sizes())["sessions"] == 10
+    await asyncio.sleep(0.6)  # no task ends: only the timer can forget them
+    assert (await control_plane.sizes())["sessions"] == 0

@@ -1,0 +1,127 @@
+"""Every call returns, and nothing runs twice: timeouts, refused events, blocked replicas, retried
+requests (on a real local Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from llama_deploy_ray import (
+    AsyncLlamaDeployClient,
+    ControlPlaneConfig,
+    InvalidRequestError,
+    LlamaDeployClient,
+    RequestTimeoutError,
+    TaskDefinition,
+    TaskResult,
+    deploy_workflow,
+)
+from llama_deploy_ray._shared.config import DRIVER_SILENCE_S
+
+from .conftest import run_url, service
+from .workflows import (
+    BlockingWorkflow,
+    HumanWorkflow,
+    SleepWorkflow,
+    TypedHumanWorkflow,
+)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConfig:
+    config = control_plane_config
+    await asyncio.gather(
+        deploy_workflow(BlockingWorkflow(timeout=120), service("blocking"), config),
+        deploy_workflow(HumanWorkflow(timeout=60), service("c_human"), config),
+        deploy_workflow(TypedHumanWorkflow(timeout=60), service("typed_human"), config),
+        deploy_workflow(SleepWorkflow(timeout=120), service("c_sleep"), config),
+    )
+    return config
+
+
+# every call returns
+
+
+async def test_the_client_timeout_bounds_a_whole_run(deployed: ControlPlaneConfig) -> None:
+    with LlamaDeployClient(deployed, timeout=2) as client:
+        for service_name, kwargs in (("c_sleep", {"seconds": 6}), ("c_human", {})):
+            session = client.create_session()
+            start = time.monotonic()
+            with pytest.raises(RequestTimeoutError, match="client's timeout"):
+                session.run(service_name, **kwargs)
+            assert time.monotonic() - start < 4.5
+            for task in session.get_tasks():  # what was asked goes on: stop it
+                session.cancel_task(task.task_id)
+    async with AsyncLlamaDeployClient(deployed, timeout=2) as aclient:
+        session = await aclient.create_session()
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):  # a RequestTimeoutError is also a TimeoutError
+            await session.run("c_sleep", seconds=6)
+        assert time.monotonic() - start < 4.5
+
+
+def test_an_event_that_does_not_fit_is_refused_when_sent(
+    client: LlamaDeployClient, deployed: ControlPlaneConfig
+) -> None:
+    session = client.create_session()
+    task_id = session.run_nowait("typed_human")
+    url = f"{deployed.url}/sessions/{session.session_id}/tasks/{task_id}/events"
+
+    def send(event: dict) -> httpx.Response:
+        return httpx.post(url, json={"service_name": "typed_human", "event": event}, timeout=30)
+
+    for wrong in ({"number": "not a number"}, {}):
+        refused = send({"__type__": "Answer", **wrong})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"] == "InvalidRequestError"
+        assert "Answer" in refused.json()["message"]
+    unknown = send({"__type__": "NoSuchEvent", "number": 1})
+    assert unknown.status_code == 422 and "NoSuchEvent" in unknown.json()["message"]
+    assert send({"__type__": "Answer", "number": 21}).is_success
+    result = session.get_task_result(task_id, wait_s=30)
+    assert result is not None and result.result == 42  # the refused ones never reached it
+
+
+def test_a_step_that_blocks_its_replica_is_not_run_twice(
+    client: LlamaDeployClient, tmp_path: Path
+) -> None:
+    # the replica's event loop is blocked for longer than a silent driver is given: its
+    # heartbeat, beaten from a thread, keeps its task from being adopted and run again
+    log = tmp_path / "runs.log"
+    session = client.create_session()
+    assert session.run("blocking", seconds=DRIVER_SILENCE_S + 5, log=str(log)) == "done"
+    assert log.read_text().count("ran") == 1
+    (task,) = session.get_tasks()
+    assert task.attempts == 1
+
+
+async def test_a_retried_request_runs_its_task_once(
+    client: LlamaDeployClient, deployed: ControlPlaneConfig
+) -> None:
+    session = client.create_session()
+    task = TaskDefinition(input=json.dumps({"seconds": 0.5, "tag": "once"}), agent_id="c_sleep")
+    url = run_url(deployed, "c_sleep", session.session_id)
+
+    def send(body: TaskDefinition) -> httpx.Response:
+        return httpx.post(url, content=body.model_dump_json(), timeout=30)
+
+    answers = await asyncio.gather(*(asyncio.to_thread(send, task) for _ in range(3)))
+    assert all(a.is_success for a in answers)
+    assert {TaskResult.model_validate_json(a.content).task_id for a in answers} == {task.task_id}
+    final = session.get_task_result(task.task_id, wait_s=30)
+    assert final is not None and final.result["log"] == ["once"]
+    # the same task sent again, by either route, is still that one task
+    assert send(task).is_success
+    assert session.create_task(task) == task.task_id
+    assert [t.task_id for t in session.get_tasks()] == [task.task_id]
+    # another task under the same id is refused
+    other = task.model_copy(update={"input": json.dumps({"tag": "other"})})
+    assert send(other).status_code == 422
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        session.create_task(other)
