@@ -15,6 +15,7 @@ from .conftest import ROOT
 
 SAME_IN_BOTH = (
     "file_mounts",
+    "rsync_exclude",
     "setup_commands",
     "head_start_ray_commands",
     "worker_start_ray_commands",
