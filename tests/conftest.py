@@ -66,6 +66,8 @@ def core_env(tmp_path_factory) -> dict[str, str]:
         "CONTROL_PLANE_STATE_STORE": str(tmp_path_factory.mktemp("store") / "state.sqlite3"),
         # the HTTP API is stateless: every test goes through two of its replicas
         "CONTROL_PLANE_API_REPLICAS": "2",
+        # and every session through the shard its id hashes to, of two
+        "CONTROL_PLANE_SHARDS": "2",
         # small enough that a test can stream past it
         "CONTROL_PLANE_MAX_EVENTS_PER_TASK": str(MAX_EVENTS_PER_TASK),
         "PYTHONUNBUFFERED": "1",

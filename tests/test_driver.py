@@ -6,33 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-from llama_deploy_ray import (
-    TaskDefinition,
-)
+from llama_deploy_ray import TaskDefinition
+
+from .fakes import ActorLike
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
-class _ActorLike:
-    """The in-memory `ControlPlane` behind what a driver expects of its actor handle: each
-    method's `.remote(...)` returns something to await."""
-
-    def __init__(self, control_plane: object) -> None:
-        self._control_plane = control_plane
-
-    def __getattr__(self, name: str) -> object:
-        method = getattr(self._control_plane, name)
-
-        class _Method:
-            @staticmethod
-            def remote(*args: object, **kwargs: object) -> asyncio.Future:
-                return asyncio.ensure_future(method(*args, **kwargs))
-
-        return _Method
-
-
 async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fails() -> None:
-    from llama_deploy_ray._cluster.actors import ControlPlaneHandle
+    from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
     from llama_deploy_ray._cluster.control_plane import ControlPlane
     from llama_deploy_ray._cluster.driver import LocalDriver
     from llama_deploy_ray._shared.types import (
@@ -54,7 +36,8 @@ async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fai
         await asyncio.sleep(60)
         return TaskOutcome(result="never")
 
-    driver = LocalDriver(ControlPlaneHandle(_ActorLike(control_plane)), run_here)  # type: ignore[arg-type]
+    shard = ControlPlaneShard(ActorLike(control_plane))  # type: ignore[arg-type]
+    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
 
     def task(**kwargs: object) -> TaskDefinition:
         return TaskDefinition(

@@ -8,13 +8,22 @@ task, sending an event) are sent once, and a restart shows as `ControlPlaneUnava
 to whoever asked. Two calls return their ref instead of awaiting it, for callers that send now
 and collect later: `finish_tasks_ref` and `heartbeat_ref`.
 
+The control plane may be several actors, shards that each hold the sessions whose id hashes
+to them (`ControlPlaneConfig.shards`). `ControlPlaneHandle` is the whole control plane: what
+spans sessions (the registry of services, listings, sizes) it asks of every shard, and
+`for_session` gives the shard (`ControlPlaneShard`) that holds a session, its tasks, their
+events and its state.
+
     control_plane = ControlPlaneHandle.lookup(namespace)
-    result = await control_plane.get_task(session_id, task_id, wait_s=30)
+    result = await control_plane.for_session(session_id).get_task(session_id, task_id, wait_s=30)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +33,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .._shared.config import (
     ACTOR_MAX_CONCURRENCY,
-    CONTROL_PLANE_ACTOR_NAME,
     ORCHESTRATOR_ACTOR_NAME,
+    control_plane_actor_name,
 )
-from .._shared.errors import ControlPlaneUnavailableError
+from .._shared.errors import ControlPlaneUnavailableError, ServiceNotFoundError
 from .._shared.events import EventBatch
 from .._shared.retry import call_actor
 from .._shared.types import (
@@ -91,17 +100,16 @@ def _lookup(name: str, namespace: str) -> ActorHandle:
         ) from exc
 
 
-class ControlPlaneHandle(_Handle):
-    """The control plane actor (`_control_plane.ControlPlane`), typed."""
+class ControlPlaneShard(_Handle):
+    """One control plane actor (`_control_plane.ControlPlane`), typed."""
 
-    def __init__(self, actor: ActorHandle) -> None:
-        super().__init__(actor, "control plane")
-
-    @classmethod
-    def lookup(cls, namespace: str) -> ControlPlaneHandle:
-        return cls(_lookup(CONTROL_PLANE_ACTOR_NAME, namespace))
+    def __init__(self, actor: ActorHandle, shard: int = 0) -> None:
+        super().__init__(actor, f"control plane (shard {shard})")
 
     # the cluster
+
+    def shard_count_blocking(self) -> int:
+        return ray.get(self._actor.shard_count.remote())
 
     async def state_secret(self) -> bytes:
         return await self._call(self._actor.state_secret.remote)
@@ -146,8 +154,10 @@ class ControlPlaneHandle(_Handle):
 
     # sessions
 
-    async def create_session(self) -> SessionDefinition:
-        return await self._call(self._actor.create_session.remote, again=False)
+    async def create_session(self, session_id: str) -> SessionDefinition:
+        return await self._call(
+            functools.partial(self._actor.create_session.remote, session_id), again=False
+        )
 
     async def get_or_create_session(self, session_id: str) -> SessionDefinition:
         return await self._call(
@@ -255,6 +265,126 @@ class ControlPlaneHandle(_Handle):
         return await self._call(
             functools.partial(self._actor.watch_driver.remote, driver_id, wait_s, adopt_orphans)
         )
+
+
+def shard_of(session_id: str, shards: int) -> int:
+    """The shard that holds a session: a hash that every process computes alike (Python's
+    `hash` of a string differs between processes)."""
+    if shards == 1:
+        return 0
+    digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+class ControlPlaneHandle:
+    """The whole control plane: its shards, and what spans them."""
+
+    def __init__(self, shards: list[ControlPlaneShard]) -> None:
+        self.shards = shards
+
+    @classmethod
+    def lookup(cls, namespace: str) -> ControlPlaneHandle:
+        first = ControlPlaneShard(_lookup(control_plane_actor_name(0), namespace))
+        count = first.shard_count_blocking()
+        others = [
+            ControlPlaneShard(_lookup(control_plane_actor_name(i), namespace), i)
+            for i in range(1, count)
+        ]
+        return cls([first, *others])
+
+    def for_session(self, session_id: str | None) -> ControlPlaneShard:
+        """The shard that holds this session, its tasks and its state."""
+        if len(self.shards) == 1:
+            return self.shards[0]
+        return self.shards[shard_of(session_id or "", len(self.shards))]
+
+    def wait_ready(self) -> None:
+        for shard in self.shards:
+            shard.wait_ready()
+
+    async def state_secret(self) -> bytes:
+        return await self.shards[0].state_secret()  # every shard was given the same
+
+    def state_secret_blocking(self) -> bytes:
+        """For a replica's constructor, which runs before its event loop takes calls."""
+        return self.shards[0].state_secret_blocking()
+
+    async def sizes(self) -> dict[str, int]:
+        """What the shards hold, summed."""
+        total: dict[str, int] = {"shards": len(self.shards)}
+        for sizes in await asyncio.gather(*(s.sizes() for s in self.shards)):
+            for name, value in sizes.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    # services: every shard keeps the registry; shard 0 decides
+
+    async def register_service(
+        self,
+        definition: ServiceDefinition,
+        accepted_events: list[str] | None = None,
+        deployment: str | None = None,
+    ) -> ServiceDefinition:
+        """Shard 0 first, so a conflicting name is refused before any shard changes; the
+        others then take the same registration (repeatable: sent again, it changes nothing)."""
+        first, *others = self.shards
+        registered = await first.register_service(definition, accepted_events, deployment)
+        await asyncio.gather(
+            *(s.register_service(definition, accepted_events, deployment) for s in others)
+        )
+        return registered
+
+    async def deregister_service(self, service_name: str) -> None:
+        first, *others = self.shards
+        await first.deregister_service(service_name)  # ServiceNotFoundError if it is not
+        for shard in others:  # gone already where an earlier attempt got to
+            with contextlib.suppress(ServiceNotFoundError):
+                await shard.deregister_service(service_name)
+
+    async def get_service(self, service_name: str) -> ServiceDefinition:
+        return await self.shards[0].get_service(service_name)
+
+    async def list_services(self) -> list[ServiceDefinition]:
+        return await self.shards[0].list_services()
+
+    async def deployments(self) -> dict[str, str]:
+        return await self.shards[0].deployments()
+
+    async def service_tasks(self, service_name: str) -> dict[str, int]:
+        """The service's unfinished tasks on every shard, counted by status."""
+        total: dict[str, int] = {}
+        for counts in await asyncio.gather(*(s.service_tasks(service_name) for s in self.shards)):
+            for status, count in counts.items():
+                total[status] = total.get(status, 0) + count
+        return total
+
+    # sessions
+
+    async def create_session(self) -> SessionDefinition:
+        session_id = SessionDefinition().session_id
+        return await self.for_session(session_id).create_session(session_id)
+
+    async def list_sessions(self, offset: int, limit: int | None) -> list[SessionDefinition]:
+        """Sessions shard by shard, each shard's in the order they were created."""
+        if len(self.shards) == 1:
+            return await self.shards[0].list_sessions(offset, limit)
+        page: list[SessionDefinition] = []
+        for shard in self.shards:
+            if limit is not None and len(page) >= limit:
+                break
+            held = (await shard.sizes())["sessions"]
+            if offset >= held:
+                offset -= held
+                continue
+            wanted = None if limit is None else limit - len(page)
+            page += await shard.list_sessions(offset, wanted)
+            offset = 0
+        return page
+
+    # drivers
+
+    def heartbeat_refs(self, driver_id: str) -> list[ray.ObjectRef]:
+        return [shard.heartbeat_ref(driver_id) for shard in self.shards]
 
 
 class OrchestratorHandle(_Handle):

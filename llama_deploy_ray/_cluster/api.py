@@ -151,11 +151,11 @@ class ControlPlaneAPI:
 
     @app.put("/sessions/{session_id}")
     async def get_or_create_session(self, session_id: PathId) -> SessionDefinition:
-        return await self._control_plane.get_or_create_session(session_id)
+        return await self._control_plane.for_session(session_id).get_or_create_session(session_id)
 
     @app.get("/sessions/{session_id}")
     async def get_session(self, session_id: PathId) -> SessionDefinition:
-        return await self._control_plane.get_session(session_id)
+        return await self._control_plane.for_session(session_id).get_session(session_id)
 
     @app.get("/sessions")
     async def list_sessions(
@@ -168,11 +168,11 @@ class ControlPlaneAPI:
 
     @app.post("/sessions/{session_id}/delete")
     async def delete_session(self, session_id: PathId) -> None:
-        await self._control_plane.delete_session(session_id)
+        await self._control_plane.for_session(session_id).delete_session(session_id)
 
     @app.get("/sessions/{session_id}/state")
     async def get_session_state(self, session_id: PathId) -> dict[str, Any]:
-        return await self._control_plane.get_session_state(session_id)
+        return await self._control_plane.for_session(session_id).get_session_state(session_id)
 
     @app.post("/sessions/{session_id}/tasks")
     async def create_task(self, session_id: PathId, task: TaskDefinition) -> TaskResult:
@@ -192,11 +192,13 @@ class ControlPlaneAPI:
         limit: int = Query(default=PAGE_SIZE, ge=1, le=PAGE_SIZE),
     ) -> list[TaskResult]:
         """The session's tasks in the order they were created, a page at a time."""
-        return await self._control_plane.list_tasks(session_id, offset, limit)
+        return await self._control_plane.for_session(session_id).list_tasks(
+            session_id, offset, limit
+        )
 
     @app.get("/sessions/{session_id}/current_task")
     async def get_current_task(self, session_id: PathId) -> TaskResult | None:
-        return await self._control_plane.get_current_task(session_id)
+        return await self._control_plane.for_session(session_id).get_current_task(session_id)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/events")
     async def stream_events(
@@ -213,7 +215,9 @@ class ControlPlaneAPI:
         if sse and last_event_id is not None:
             after = max(after, last_event_id)
         # read once before answering, so an unknown task is a 404 and not an empty stream
-        first = await self._control_plane.read_events(session_id, task_id, after, 0.0)
+        first = await self._control_plane.for_session(session_id).read_events(
+            session_id, task_id, after, 0.0
+        )
         return StreamingResponse(
             self._stream(session_id, task_id, after, first, sse),
             media_type="text/event-stream" if sse else "application/x-ndjson",
@@ -236,7 +240,9 @@ class ControlPlaneAPI:
             if not batch.events:
                 yield ": keep-alive\n\n" if sse else "\n"
             # an open stream outlives a restart of the control plane (the handle sends again)
-            batch = await self._control_plane.read_events(session_id, task_id, after, KEEPALIVE_S)
+            batch = await self._control_plane.for_session(session_id).read_events(
+                session_id, task_id, after, KEEPALIVE_S
+            )
 
     @app.post("/sessions/{session_id}/tasks/{task_id}/events")
     async def send_event(self, session_id: PathId, task_id: PathId, body: SendEventRequest) -> None:
@@ -246,7 +252,7 @@ class ControlPlaneAPI:
     @app.post("/sessions/{session_id}/tasks/{task_id}/cancel")
     async def cancel_task(self, session_id: PathId, task_id: PathId) -> TaskResult:
         """Cancel a pending, running or waiting task and its children."""
-        return await self._control_plane.cancel_task(session_id, task_id)
+        return await self._control_plane.for_session(session_id).cancel_task(session_id, task_id)
 
     @app.get("/sessions/{session_id}/tasks/{task_id}")
     async def get_task(
@@ -257,7 +263,9 @@ class ControlPlaneAPI:
     ) -> TaskResult:
         """The task as it is now (`status`); with `wait_s`, first wait up to that long for it
         to finish."""
-        return await self._control_plane.get_task(session_id, task_id, wait_s)
+        return await self._control_plane.for_session(session_id).get_task(
+            session_id, task_id, wait_s
+        )
 
     @app.get("/sessions/{session_id}/tasks/{task_id}/result")
     async def get_task_result(
@@ -268,5 +276,7 @@ class ControlPlaneAPI:
     ) -> TaskResult | None:
         """The task's result once it is final, null until then (as llama_deploy's); with
         `wait_s`, first wait up to that long for it to finish."""
-        task = await self._control_plane.get_task(session_id, task_id, wait_s)
+        task = await self._control_plane.for_session(session_id).get_task(
+            session_id, task_id, wait_s
+        )
         return task if task.status.is_final else None

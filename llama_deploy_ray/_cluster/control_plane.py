@@ -11,6 +11,11 @@ blocked by a workflow step (a replica) also beats `heartbeat` from a thread, so 
 never taken for a dead replica. Everything here is in-memory dict work with no awaits in the
 middle of an update, so each method is atomic on the actor's event loop.
 
+A core may run several of these actors, shards (`ControlPlaneConfig.shards`): each holds the
+sessions whose id hashes to it, with their tasks, events and state, and keeps a copy of the
+registry of services. A session's tasks, its nested tasks included, never leave its shard, so
+everything above holds per shard without any call between shards (see `_actors`).
+
 Every change is also written through to a state store (see `_store`) before the call that made
 it returns: the changes of one turn of the event loop go in one transaction (group commit),
 and commits are made in order, so a task's outcome and its session's new state are stored
@@ -151,7 +156,10 @@ class ControlPlane:
         max_events_per_task: int = 10_000,
         state_store: str = "memory",
         namespace: str = "default",
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
+        self._shards = shards
         self._task_retention_s = task_retention_s
         self._session_retention_s = session_retention_s
         self._state_secret = state_secret
@@ -168,7 +176,7 @@ class ControlPlane:
         self._drivers: dict[str, _Driver] = {}
         self._sweeper: asyncio.Task[None] | None = None
         # write-through: what changed since the last commit, and the commit that will take it
-        self._store = open_store(state_store, namespace)
+        self._store = open_store(state_store, namespace, shard)
         self._dirty: dict[_Key, None] = {}
         self._appends: list[EventAppend] = []
         self._next_commit: asyncio.Future[None] | None = None
@@ -177,7 +185,7 @@ class ControlPlane:
         self._commits = self._rows_written = 0
         if self._store is not None:
             self._load(self._store.load())
-        self._mark(("meta", "secret"))
+        self._mark(("meta", "secret"), ("meta", "shards"))
 
     async def ready(self) -> bool:
         if self._sweeper is None:
@@ -186,6 +194,10 @@ class ControlPlane:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         await self._persist()
         return True
+
+    async def shard_count(self) -> int:
+        """How many control-plane actors the sessions are spread over (see `_actors`)."""
+        return self._shards
 
     async def state_secret(self) -> bytes:
         """The key replicas sign pickled workflow state with (see `_state_serializer`); it is
@@ -639,13 +651,21 @@ class ControlPlane:
         if table == "service":
             service = self._services.get(key)
             return service.model_dump_json() if service else None
-        return self._state_secret.hex()  # meta: the one key is the secret
+        return self._state_secret.hex() if key == "secret" else str(self._shards)  # meta
 
     def _load(self, records: Records) -> None:
         """Take back what the store holds (see the module's docstring)."""
         tables, now, wall = records.tables, time.monotonic(), time.time()
-        if "secret" in tables["meta"]:
-            self._state_secret = bytes.fromhex(tables["meta"]["secret"])
+        meta = tables["meta"]
+        written_by = int(meta.get("shards", self._shards))
+        if written_by != self._shards:
+            raise InvalidRequestError(
+                f"this state store was written by a control plane of {written_by} shards, not "
+                f"{self._shards}: a session lives on the shard its id hashes to, so keep "
+                f"ControlPlaneConfig.shards={written_by} with this store, or start on a new one"
+            )
+        if "secret" in meta:
+            self._state_secret = bytes.fromhex(meta["secret"])
         for name, text in tables["service"].items():
             self._services[name] = StoredService.model_validate_json(text)
         sessions = sorted(

@@ -16,19 +16,19 @@ from ray import serve
 from workflows import Workflow
 
 from .._shared.config import (
-    CONTROL_PLANE_ACTOR_NAME,
     ORCHESTRATOR_ACTOR_NAME,
     SERVE_FAST_MODE_ENV,
     ControlPlaneConfig,
     SimpleMessageQueueConfig,
     SimpleOrchestratorConfig,
     WorkflowServiceConfig,
+    control_plane_actor_name,
     workflow_route,
 )
 from .._shared.errors import ControlPlaneUnavailableError, InvalidRequestError
 from .._shared.events import accepted_events
 from .._shared.types import ServiceDefinition
-from .actors import ControlPlaneHandle, OrchestratorHandle, core_actor_options
+from .actors import ControlPlaneHandle, ControlPlaneShard, OrchestratorHandle, core_actor_options
 from .api import API_APP_NAME, ControlPlaneAPI
 from .control_plane import ControlPlane
 from .guard import publish_guard
@@ -234,21 +234,10 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
         proxy_location=config.proxy_location,
         http_options={"host": config.host, "port": config.port},
     )
-    # Ray's type hints take `.remote()` of an actor class for the class itself
-    control_plane: Any = (
-        ray.remote(ControlPlane)
-        .options(**core_actor_options(CONTROL_PLANE_ACTOR_NAME, config.namespace))
-        .remote(
-            config.task_retention_s,
-            config.session_retention_s,
-            # used unless the state store already holds one, and stored
-            secrets.token_bytes(32),
-            config.max_events_per_task,
-            config.state_store_url,
-            config.namespace,
-        )
-    )
-    ControlPlaneHandle(control_plane).wait_ready()
+    # shard 0 first: its secret (new, or the one its store holds) is every shard's
+    secret = _start_shard(config, 0, secrets.token_bytes(32)).state_secret_blocking()
+    for shard in range(1, config.shards):
+        _start_shard(config, shard, secret)
     orchestrator: Any = (
         ray.remote(SimpleOrchestrator)
         .options(
@@ -261,6 +250,34 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
         .remote(orchestrator_config, config.namespace)
     )
     OrchestratorHandle(orchestrator).wait_ready()
+
+
+def _start_shard(config: ControlPlaneConfig, shard: int, secret: bytes) -> ControlPlaneShard:
+    # Ray's type hints take `.remote()` of an actor class for the class itself
+    actor: Any = (
+        ray.remote(ControlPlane)
+        .options(**core_actor_options(control_plane_actor_name(shard), config.namespace))
+        .remote(
+            config.task_retention_s,
+            config.session_retention_s,
+            secret,  # used unless the state store already holds one, and stored
+            config.max_events_per_task,
+            config.state_store_url,
+            config.namespace,
+            shard,
+            config.shards,
+        )
+    )
+    handle = ControlPlaneShard(actor, shard)
+    handle.wait_ready()
+    running = handle.shard_count_blocking()
+    if running != config.shards:
+        raise InvalidRequestError(
+            f"a core with {running} control-plane shards already runs in namespace "
+            f"{config.namespace!r}; deploy it with ControlPlaneConfig(shards={running}), or stop "
+            "it first (serve.shutdown() and ray.kill its actors, or restart Ray)"
+        )
+    return handle
 
 
 def _start_api(config: ControlPlaneConfig) -> None:

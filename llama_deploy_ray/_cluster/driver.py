@@ -8,8 +8,8 @@ the outcome; a task that waits for input is parked on the control plane. There a
 - `LocalDriver` (each workflow replica) runs the task in its own process: a `run` that reaches a
   replica over HTTP costs one Serve hop, not two.
 
-Each driver keeps one call open on the control plane (`watch_driver`). It returns the driver's
-running tasks that a client cancelled, so the driver can stop them; the orchestrator's also
+Each driver keeps one call open on each control-plane shard (`watch_driver`). It returns the
+driver's running tasks that a client cancelled, so the driver can stop them; the orchestrator's also
 returns the tasks of drivers that went silent (a replica that died mid-run, an earlier
 incarnation of the orchestrator), to drive them again. Each driver also beats a heartbeat from a
 thread of its own: a workflow step that blocks the replica's event loop for a minute delays the
@@ -39,7 +39,7 @@ from .._shared.types import (
     TaskOutcome,
     TaskResult,
 )
-from .actors import ControlPlaneHandle
+from .actors import ControlPlaneHandle, ControlPlaneShard
 from .message_queue import RayMessageQueue
 from .outbox import Outbox
 
@@ -64,14 +64,17 @@ class TaskDriver:
         # of those, the ones cancelled before their run was made
         self._cancelled: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
-        self._watcher: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        """Open the watch on the control plane (needs a running event loop) and start the
-        heartbeat."""
-        if self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        """Open the watch on each control-plane shard (needs a running event loop) and start
+        the heartbeat."""
+        if not self._watchers:
+            loop = asyncio.get_running_loop()
+            self._watchers = [
+                loop.create_task(self._watch(shard)) for shard in self._control_plane.shards
+            ]
             threading.Thread(target=self._beat, name="driver-heartbeat", daemon=True).start()
 
     async def run(self, task: TaskDefinition) -> TaskResult:
@@ -86,8 +89,9 @@ class TaskDriver:
     async def submit(self, task: TaskDefinition) -> TaskResult:
         """Record `task`, drive it in the background and return its pending result."""
         self.start()
-        pending = await self._control_plane.create_task(task, self.driver_id)
-        self.in_background(self._start_and_drive(task.task_id))
+        shard = self._control_plane.for_session(task.session_id)
+        pending = await shard.create_task(task, self.driver_id)
+        self.in_background(self._start_and_drive(shard, task.task_id))
         return pending
 
     def resume(self, started: StartedTask) -> None:
@@ -99,8 +103,8 @@ class TaskDriver:
         it sends), then stop its watch and heartbeat: its process shuts down."""
         await asyncio.gather(*self._background, return_exceptions=True)
         self._stopped.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for watcher in self._watchers:
+            watcher.cancel()
 
     def in_background(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -113,23 +117,27 @@ class TaskDriver:
         raise NotImplementedError
 
     async def _run(self, task: TaskDefinition) -> TaskResult:
+        shard = self._control_plane.for_session(task.session_id)
         with self._driving(task.task_id):
-            started = await self._control_plane.begin_task(task, self.driver_id)
-            result = await self._drive(started, task.task_id)
+            started = await shard.begin_task(task, self.driver_id)
+            result = await self._drive(shard, started, task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run
-            return await self._control_plane.get_task(task.session_id, task.task_id)
+            return await shard.get_task(task.session_id, task.task_id)
         return result
 
-    async def _start_and_drive(self, task_id: str) -> None:
+    async def _start_and_drive(self, shard: ControlPlaneShard, task_id: str) -> None:
         with self._driving(task_id):
-            started = await self._control_plane.start_task(task_id, self.driver_id)
-            await self._drive(started, task_id)
+            started = await shard.start_task(task_id, self.driver_id)
+            await self._drive(shard, started, task_id)
 
     async def _resume(self, started: StartedTask) -> None:
+        shard = self._control_plane.for_session(started.task.session_id)
         with self._driving(started.task.task_id):
-            await self._drive(started, started.task.task_id)
+            await self._drive(shard, started, started.task.task_id)
 
-    async def _drive(self, started: StartedTask | None, task_id: str) -> TaskResult | None:
+    async def _drive(
+        self, shard: ControlPlaneShard, started: StartedTask | None, task_id: str
+    ) -> TaskResult | None:
         """Run the task until it is final (its result) or waits for input (None)."""
         while started is not None:
             if task_id in self._cancelled:
@@ -144,14 +152,15 @@ class TaskDriver:
                         error_type=type(exc).__name__,
                     )
             if outcome.snapshot is None:
-                return await self._finish(started, outcome)
-            started = await self._control_plane.park_task(task_id, outcome)
+                return await self._finish(shard, started, outcome)
+            started = await shard.park_task(task_id, outcome)
         return None
 
-    async def _finish(self, started: StartedTask, outcome: TaskOutcome) -> TaskResult:
+    async def _finish(
+        self, shard: ControlPlaneShard, started: StartedTask, outcome: TaskOutcome
+    ) -> TaskResult:
         """Record the task's final outcome and return its result."""
-        task_id = started.task.task_id
-        return await self._control_plane.finish_task(task_id, outcome)
+        return await shard.finish_task(started.task.task_id, outcome)
 
     @contextlib.contextmanager
     def _driving(self, task_id: str) -> Iterator[None]:
@@ -166,14 +175,14 @@ class TaskDriver:
     def _beat(self) -> None:
         while not self._stopped.wait(DRIVER_WATCH_S):
             try:
-                ray.get(self._control_plane.heartbeat_ref(self.driver_id), timeout=DRIVER_WATCH_S)
+                ray.get(self._control_plane.heartbeat_refs(self.driver_id), timeout=DRIVER_WATCH_S)
             except Exception as exc:  # the control plane restarts: beat again next time
                 logger.warning("driver %s: heartbeat failed: %s", self.driver_id, exc)
 
-    async def _watch(self) -> None:
+    async def _watch(self, shard: ControlPlaneShard) -> None:
         while True:
-            try:  # the handle watches again while the control plane restarts
-                notice = await self._control_plane.watch_driver(
+            try:  # the handle watches again while the shard restarts
+                notice = await shard.watch_driver(
                     self.driver_id, DRIVER_WATCH_S, self._adopts_orphans
                 )
             except Exception:  # a watch that stops would strand cancels and orphans
@@ -184,7 +193,7 @@ class TaskDriver:
                 self._cancel(task_id)
             for task_id in notice.orphaned:
                 logger.warning("task %s: its driver went silent, driving it again", task_id)
-                self.in_background(self._start_and_drive(task_id))
+                self.in_background(self._start_and_drive(shard, task_id))
 
     def _cancel(self, task_id: str) -> None:
         if task_id not in self._in_flight:
@@ -213,7 +222,8 @@ class PublishingDriver(TaskDriver):
             nonlocal sent
             if sent:
                 logger.warning("task %s: its replica died, sending it again", task_id)
-                await self._control_plane.record_retry(task_id)
+                shard = self._control_plane.for_session(started.task.session_id)
+                await shard.record_retry(task_id)
                 if task_id in self._cancelled:
                     return _CANCELLED
             sent += 1
@@ -266,7 +276,7 @@ class LocalDriver(TaskDriver):
         self._run_here = run_here
         # one finish_tasks call in flight; outcomes ready meanwhile go together in the next:
         # under load, one control-plane call records many tasks
-        self._outcomes: Outbox[tuple[str, TaskOutcome]] = Outbox(
+        self._outcomes: Outbox[tuple[ControlPlaneShard, str, TaskOutcome]] = Outbox(
             self._send_outcomes, self.in_background
         )
 
@@ -283,26 +293,36 @@ class LocalDriver(TaskDriver):
         finally:
             self._in_flight[task_id] = None
 
-    async def _finish(self, started: StartedTask, outcome: TaskOutcome) -> TaskResult:
+    async def _finish(
+        self, shard: ControlPlaneShard, started: StartedTask, outcome: TaskOutcome
+    ) -> TaskResult:
         if outcome is _CANCELLED:  # the control plane's record says how it ended
-            return await super()._finish(started, outcome)
+            return await super()._finish(shard, started, outcome)
         # sent now, before the answer leaves this replica (else with the outcomes that follow
         # it, once the call on its way is acknowledged)
-        self._outcomes.put((started.task.task_id, outcome))
+        self._outcomes.put((shard, started.task.task_id, outcome))
         return started.running.model_copy(
             update={**outcome.final_fields(), "finished_at": time.time()}
         )
 
-    def _send_outcomes(self, batch: list[tuple[str, TaskOutcome]]) -> Awaitable[None]:
-        outcomes = dict(batch)
-        return self._record(outcomes, self._control_plane.finish_tasks_ref(outcomes))
+    def _send_outcomes(
+        self, batch: list[tuple[ControlPlaneShard, str, TaskOutcome]]
+    ) -> Awaitable[Any]:
+        by_shard: dict[ControlPlaneShard, dict[str, TaskOutcome]] = {}
+        for shard, task_id, outcome in batch:
+            by_shard.setdefault(shard, {})[task_id] = outcome
+        return asyncio.gather(
+            *(self._record(shard, o, shard.finish_tasks_ref(o)) for shard, o in by_shard.items())
+        )
 
-    async def _record(self, batch: dict[str, TaskOutcome], sent: ray.ObjectRef) -> None:
+    async def _record(
+        self, shard: ControlPlaneShard, batch: dict[str, TaskOutcome], sent: ray.ObjectRef
+    ) -> None:
         first: ray.ObjectRef | None = sent
 
         async def record() -> list[str]:
             nonlocal first
-            call, first = first or self._control_plane.finish_tasks_ref(batch), None
+            call, first = first or shard.finish_tasks_ref(batch), None
             return await call  # unreachable (it restarts): the policy sends it again
 
         try:

@@ -110,7 +110,6 @@ class NestedWorkflow:
         except ServiceNotFoundError:
             return await self.local.run(**kwargs)
         while not result.status.is_final:  # it waits for input; the parent's timeout bounds it
-            result = await parent.control_plane.get_task(
-                child.session_id, child.task_id, MAX_WAIT_S
-            )
+            shard = parent.control_plane.for_session(child.session_id)
+            result = await shard.get_task(child.session_id, child.task_id, MAX_WAIT_S)
         return result_value(result)

@@ -33,7 +33,9 @@ class SimpleOrchestrator:
         `MAX_WAIT_S` (the caller waits on; every wait here is bounded)."""
         result = await self._driver.run(task)
         if not result.status.is_final:  # parked: wait here, where it holds no replica slot
-            result = await self._control_plane.get_task(task.session_id, task.task_id, MAX_WAIT_S)
+            result = await self._control_plane.for_session(task.session_id).get_task(
+                task.session_id, task.task_id, MAX_WAIT_S
+            )
         return result
 
     async def submit(self, task: TaskDefinition) -> TaskResult:
@@ -47,7 +49,7 @@ class SimpleOrchestrator:
         the service's workflow could not take (an unknown class, fields that do not fit it) is
         refused here, by one of its replicas, not dropped later."""
         await self._driver.check_event(service_name, event)
-        started = await self._control_plane.deliver_event(
+        started = await self._control_plane.for_session(session_id).deliver_event(
             session_id, task_id, service_name, event, self._driver.driver_id
         )
         if started is not None:

@@ -4,7 +4,7 @@ run's streamed events, the outcomes of the runs it finishes) to the control plan
 Items put while a call is on its way go together in the next call, so under load one call
 carries many items, and items leave in the order they were put.
 
-    outbox = Outbox(lambda batch: control_plane.append_events(task_id, batch))
+    outbox = Outbox(lambda batch: shard.append_events(task_id, batch))
     outbox.put(event)          # sent at once when no call is on its way
     left = await outbox.close()  # the call on its way lands; what was not sent is returned
 """

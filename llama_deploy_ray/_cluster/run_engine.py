@@ -28,7 +28,7 @@ from .._shared.errors import InvalidRequestError
 from .._shared.events import SEQ_KEY, event_from_dict, event_to_dict
 from .._shared.types import StartedTask, TaskOutcome
 from .._shared.workflows_internals import with_fresh_run_clock
-from .actors import ControlPlaneHandle, OrchestratorHandle
+from .actors import ControlPlaneHandle, ControlPlaneShard, OrchestratorHandle
 from .nested import PARENT_RUN, ParentRun
 from .outbox import Outbox
 from .state_serializer import SignedStateSerializer
@@ -74,7 +74,8 @@ class RunEngine:
             )
         finally:
             PARENT_RUN.reset(token)
-        run = _TaskRun(self, task.task_id, handler, started.inbox_seq)
+        shard = self.control_plane.for_session(task.session_id)
+        run = _TaskRun(self, shard, task.task_id, handler, started.inbox_seq)
         return await run.outcome(listen=resume, had_state=state is not None)
 
 
@@ -82,9 +83,15 @@ class _TaskRun:
     """One run of a workflow in a replica: its result, its stream, its inbox."""
 
     def __init__(
-        self, engine: RunEngine, task_id: str, handler: WorkflowHandler, inbox_seq: int
+        self,
+        engine: RunEngine,
+        shard: ControlPlaneShard,
+        task_id: str,
+        handler: WorkflowHandler,
+        inbox_seq: int,
     ) -> None:
         self._engine = engine
+        self._shard = shard  # the one that holds the task's session
         self._task_id = task_id
         self._handler = handler
         self._inbox_seq = inbox_seq
@@ -92,7 +99,7 @@ class _TaskRun:
         self._listener: asyncio.Task[None] | None = None
         self._snapshot: dict[str, Any] | None = None
         self._events: Outbox[dict[str, Any]] = Outbox(
-            lambda batch: engine.control_plane.append_events(task_id, batch)
+            lambda batch: shard.append_events(task_id, batch)
         )
 
     async def outcome(self, *, listen: bool, had_state: bool) -> TaskOutcome:
@@ -160,7 +167,7 @@ class _TaskRun:
     async def _listen(self) -> None:
         engine = self._engine
         while True:
-            batch = await engine.control_plane.read_inbox(
+            batch = await self._shard.read_inbox(
                 self._task_id, self._inbox_seq, engine.input_hold_s
             )
             for data in batch.events:

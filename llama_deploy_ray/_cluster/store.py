@@ -4,7 +4,7 @@ The control plane keeps its records in memory for speed and writes every change 
 store before it answers the call that made it (see `_control_plane`); on start it loads what
 the store holds. A store is a few tables of JSON text by key, plus each task's two event logs:
 
-- `meta`: the cluster's state-signing secret;
+- `meta`: the cluster's state-signing secret and its number of control-plane shards;
 - `service`: a `StoredService` per service name, with what redeploys it;
 - `session`: a `StoredSession` per session id;
 - `task`: a `StoredTask` per task id, its events beside it;
@@ -96,16 +96,19 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str, namespace: str) -> StateStore | None:
-    """The store `url` names (see `ControlPlaneConfig.state_store`); None for `memory`."""
+def open_store(url: str, namespace: str, shard: int = 0) -> StateStore | None:
+    """The store `url` names (see `ControlPlaneConfig.state_store`) for one control-plane
+    shard; None for `memory`. Shard 0 uses the file or key prefix itself, shard N a file or
+    prefix of its own beside it."""
     if url == "memory":
         return None
     parsed = urlparse(url)
+    suffix = f".shard{shard}" if shard else ""
     if parsed.scheme in ("redis", "rediss", "unix"):
-        return RedisStore(url, prefix=f"llama-deploy-ray:{namespace}:")
+        return RedisStore(url, prefix=f"llama-deploy-ray:{namespace}{suffix}:")
     if parsed.scheme in ("", "sqlite"):
         path = Path(parsed.path if parsed.scheme else url).expanduser()
-        return SQLiteStore(path)
+        return SQLiteStore(path.with_name(path.stem + suffix + path.suffix))
     raise InvalidRequestError(
         f"state store {url!r} is not one we know: give a file path, 'sqlite:///path', "
         "'redis://host:port/db' or 'memory'"
