@@ -9,7 +9,9 @@ seconds each against:
 - the control plane with one shard, its store off (`memory`) and on (SQLite, the default);
 - the control plane with 2 and 4 shards, store on;
 
-and reports tasks sequenced per second, and how the sessions and tasks spread over the shards.
+and reports tasks sequenced per second, the control plane's CPU time per task (summed over its
+shards' processes: on a shared machine that, not the wall clock, says what one core can
+sequence), and how the sessions and tasks spread over the shards.
 Usage (stop any other local Ray first, `ray stop`):
 
     python bench/shards.py            # about two minutes
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import statistics
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 
 from llama_deploy_ray import ServiceDefinition, TaskDefinition
@@ -85,6 +89,18 @@ class LoadGenerator:
         return {"tasks": done}
 
 
+def control_plane_cpu_s() -> float:
+    """CPU seconds used so far by the processes of the control plane's actors."""
+    total = 0.0
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith(("ray::ControlPlane", "ray::EmptyControlPlane")):
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def start_control_plane(count: int, store: str) -> list[Any]:
     namespace = ray.get_runtime_context().namespace
     actors = [
@@ -110,13 +126,20 @@ def measure(actors: list[Any], seconds: float, real: bool) -> dict[str, Any]:
 
     ids = asyncio.run(sessions())
     generators = [LoadGenerator.remote() for _ in range(GENERATORS)]
+    cpu_before = control_plane_cpu_s()
     start = time.monotonic()
     counts = ray.get(
         [g.run.remote(actors, ids[i::GENERATORS], seconds) for i, g in enumerate(generators)]
     )
     elapsed = time.monotonic() - start
     tasks = sum(c["tasks"] for c in counts)
-    row: dict[str, Any] = {"tasks_per_s": tasks / elapsed, "calls_per_s": 2 * tasks / elapsed}
+    cpu_ms_per_task = 1000 * (control_plane_cpu_s() - cpu_before) / tasks
+    row: dict[str, Any] = {
+        "tasks_per_s": tasks / elapsed,
+        "calls_per_s": 2 * tasks / elapsed,
+        "cpu_ms_per_task": cpu_ms_per_task,
+        "tasks_per_s_per_core": 1000 / cpu_ms_per_task,
+    }
     if real:
         per_shard = [ray.get(actor.sizes.remote()) for actor in actors]
         row["sessions_per_shard"] = [s["sessions"] for s in per_shard]
@@ -133,7 +156,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS / "shards.json")
     args = parser.parse_args()
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    ray.init(
+        address="local", include_dashboard=False, logging_level="ERROR", namespace="bench_shards"
+    )
     store_dir = Path(tempfile.mkdtemp())
     cases: dict[str, tuple[int, str | None]] = {
         "empty actor": (1, None),
@@ -166,14 +191,16 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"{results['sessions']} sessions, {results['seconds']:.0f} s each, "
         f"{GENERATORS} load generators",
-        "| control plane | tasks/s | actor calls/s | tasks per shard | busiest / mean |",
-        "|---|---:|---:|---|---:|",
+        "| control plane | tasks/s | actor calls/s | CPU ms/task | tasks/s per core | "
+        "tasks per shard | busiest / mean |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
     for name, row in results["cases"].items():
         spread = ", ".join(map(str, row.get("tasks_per_shard", []))) or "-"
         busiest = f"{row['busiest_shard_vs_mean']:.2f}" if "busiest_shard_vs_mean" in row else "-"
         lines.append(
-            f"| {name} | {row['tasks_per_s']:.0f} | {row['calls_per_s']:.0f} | {spread} | "
+            f"| {name} | {row['tasks_per_s']:.0f} | {row['calls_per_s']:.0f} | "
+            f"{row['cpu_ms_per_task']:.2f} | {row['tasks_per_s_per_core']:.0f} | {spread} | "
             f"{busiest} |"
         )
     return "\n".join(lines)
