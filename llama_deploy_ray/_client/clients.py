@@ -219,8 +219,9 @@ class SessionClient:
         connection is resumed from the last event seen."""
         return self.client._events(self.session_id, task_id, after)
 
-    def send_event(self, service_name: str, task_id: str, ev: Event) -> None:
-        """Send `ev` (e.g. a HumanResponseEvent) into the running task, exactly once."""
+    def send_event(self, service_name: str, task_id: str, ev: Event | dict[str, Any]) -> None:
+        """Send `ev` (e.g. a HumanResponseEvent, or its fields as a dict with `__type__`, the
+        class name) into the running task, exactly once."""
         self.client._send(core.send_event(self.session_id, service_name, task_id, ev))
 
     def cancel_task(self, task_id: str) -> TaskResult:
@@ -399,8 +400,9 @@ class AsyncSessionClient:
         connection is resumed from the last event seen."""
         return self.client._events(self.session_id, task_id, after)
 
-    async def send_event(self, service_name: str, task_id: str, ev: Event) -> None:
-        """Send `ev` (e.g. a HumanResponseEvent) into the running task, exactly once."""
+    async def send_event(self, service_name: str, task_id: str, ev: Event | dict[str, Any]) -> None:
+        """Send `ev` (e.g. a HumanResponseEvent, or its fields as a dict with `__type__`, the
+        class name) into the running task, exactly once."""
         await self.client._send(core.send_event(self.session_id, service_name, task_id, ev))
 
     async def cancel_task(self, task_id: str) -> TaskResult:

@@ -29,7 +29,7 @@ from .._shared.errors import (
     TaskTimeoutError,
     error_from_json,
 )
-from .._shared.events import SEQ_KEY, event_to_dict
+from .._shared.events import SEQ_KEY, TYPE_KEY, event_to_dict
 from .._shared.retry import full_jitter_s
 from .._shared.types import (
     ServiceDefinition,
@@ -238,12 +238,22 @@ def _event_line(line: str) -> dict[str, Any] | None:
     return json.loads(line) if line.strip() else None
 
 
-def send_event(session_id: str, service_name: str, task_id: str, ev: Event) -> Call[None]:
+def send_event(
+    session_id: str, service_name: str, task_id: str, ev: Event | dict[str, Any]
+) -> Call[None]:
+    if isinstance(ev, dict) and not isinstance(ev.get(TYPE_KEY), str):
+        raise InvalidRequestError(
+            f"an event given as a dict names its class in {TYPE_KEY!r}, e.g. "
+            f'{{"{TYPE_KEY}": "HumanResponseEvent", "response": "yes"}}; got keys {sorted(ev)}'
+        )
     return Call(
         "POST",
         f"/sessions/{session_id}/tasks/{task_id}/events",
         _none,
-        body={"service_name": service_name, "event": event_to_dict(ev)},
+        body={
+            "service_name": service_name,
+            "event": ev if isinstance(ev, dict) else event_to_dict(ev),
+        },
         idempotent=False,  # exactly once: an event is sent again only if it surely did not arrive
     )
 

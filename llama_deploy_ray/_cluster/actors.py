@@ -89,6 +89,10 @@ class _Handle:
         """Block until the actor has started (the control plane loads its store first)."""
         ray.get(self._actor.ready.remote())
 
+    def kill(self) -> None:
+        """Stop the actor for good (`llama-deploy-ray down`); its state store stays."""
+        ray.kill(self._actor, no_restart=True)
+
 
 def _lookup(name: str, namespace: str) -> ActorHandle:
     try:

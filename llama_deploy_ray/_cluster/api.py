@@ -81,6 +81,26 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=error.status_code, content=error_to_json(error))
 
 
+def serve_status(service_name: str, applications: dict[str, Any]) -> ServiceStatus:
+    """A service's replicas as Serve reports them (`serve.status().applications`), without
+    its tasks."""
+    application = applications.get(service_name)
+    if application is None:
+        return ServiceStatus(service_name=service_name, status="NOT_DEPLOYED")
+    replicas: dict[str, int] = {}
+    messages = [application.message]
+    for deployment in application.deployments.values():
+        messages.append(deployment.message)  # why a replica is not placed, say
+        for state, count in deployment.replica_states.items():
+            replicas[_name(state)] = replicas.get(_name(state), 0) + count
+    return ServiceStatus(
+        service_name=service_name,
+        status=_name(application.status),
+        message=" ".join(m for m in messages if m),
+        replicas=replicas,
+    )
+
+
 def _name(state: Any) -> str:
     """A state from `serve.status()`: an enum member or, in some fields, its value already."""
     return str(getattr(state, "value", state))
@@ -126,20 +146,7 @@ class ControlPlaneAPI:
         """Replicas running and starting, from Serve; tasks pending, running and waiting."""
         tasks = await self._control_plane.service_tasks(service_name)
         applications = (await asyncio.to_thread(serve.status)).applications
-        application = applications.get(service_name)
-        if application is None:
-            return ServiceStatus(service_name=service_name, status="NOT_DEPLOYED", tasks=tasks)
-        replicas: dict[str, int] = {}
-        for deployment in application.deployments.values():
-            for state, count in deployment.replica_states.items():
-                replicas[_name(state)] = replicas.get(_name(state), 0) + count
-        return ServiceStatus(
-            service_name=service_name,
-            status=_name(application.status),
-            message=application.message,
-            replicas=replicas,
-            tasks=tasks,
-        )
+        return serve_status(service_name, applications).model_copy(update={"tasks": tasks})
 
     @app.get("/services")
     async def list_services(self) -> list[ServiceDefinition]:

@@ -48,6 +48,8 @@ class ServiceDeployment(BaseModel):
 
     workflow: PackedWorkflow
     config: WorkflowServiceConfig
+    # the workflow code's version, when the deployer knows one (Serve's deployment `version`)
+    version: str | None = None
 
 
 async def deploy_core(
@@ -76,7 +78,7 @@ async def deploy_core(
             f"{type(message_queue_config).__name__} is not supported: llama-deploy-ray's "
             "message queue is Ray itself; pass SimpleMessageQueueConfig() or nothing"
         )
-    started_ray = _connect(config, start_if_missing=True)
+    started_ray = connect(config, start_if_missing=True)
     await asyncio.to_thread(_start_core, config, orchestrator_config)
     # services come back before the API answers, so the first client finds them
     await _redeploy_stored_services(config)
@@ -94,18 +96,23 @@ async def deploy_workflow(
     workflow: Workflow | str,
     workflow_config: WorkflowServiceConfig,
     control_plane_config: ControlPlaneConfig | None = None,
+    *,
+    version: str | None = None,
 ) -> ServiceDefinition:
     """Deploy `workflow` as a Ray Serve application and register it as a service.
 
     `workflow` is an instance (rebuilt in each replica from its class and attributes) or an
     import path `"package.module:attribute"`. Returns once the replicas are running; they live
-    in the cluster, not in this process.
+    in the cluster, not in this process. `version` names the workflow's code, as Serve's
+    deployment version does: deployed again with the same version, a service whose options
+    changed is updated in place (its replicas go on), and one whose code changed is replaced
+    replica by replica.
 
         await deploy_workflow(MyWorkflow(), WorkflowServiceConfig(service_name="my_workflow"))
     """
     config = control_plane_config or ControlPlaneConfig()
     packed = pack_workflow(workflow)
-    _connect(config, start_if_missing=False)
+    connect(config, start_if_missing=False)
     control_plane = ControlPlaneHandle.lookup(config.namespace)
     definition = ServiceDefinition(
         service_name=workflow_config.service_name,
@@ -117,7 +124,7 @@ async def deploy_workflow(
     existing = {s.service_name: s for s in await control_plane.list_services()}
     if existing.get(definition.service_name, definition) != definition:
         await control_plane.register_service(definition)  # raises ServiceConflictError
-    service = ServiceDeployment(workflow=packed, config=workflow_config)
+    service = ServiceDeployment(workflow=packed, config=workflow_config, version=version)
     await _run_service(service, config)
     events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
     return await control_plane.register_service(definition, events, service.model_dump_json())
@@ -130,6 +137,8 @@ async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -
     # serve.deployment made the class a Deployment (Ray's type hints keep the class)
     deployment: Any = WorkflowService
     options = workflow_config.deployment_options(service.workflow.timeout)
+    if service.version is not None:
+        options["version"] = service.version
     application = deployment.options(**options).bind(
         service.workflow,
         workflow_config.service_name,
@@ -182,7 +191,7 @@ def _warn_if_it_cannot_fit(config: WorkflowServiceConfig) -> None:
         )
 
 
-def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
+def connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
     """Attach to Ray, or start a local one if allowed; True when this process started it."""
     if ray.is_initialized():
         return False

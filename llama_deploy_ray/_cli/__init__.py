@@ -1,0 +1,1 @@
+"""The `llama-deploy-ray` command line (see `main`)."""
