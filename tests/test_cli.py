@@ -5,18 +5,15 @@ workflow without a restart."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from llama_deploy_ray import ControlPlaneConfig, LlamaDeployClient, TaskStatus
 
 from .conftest import wait_for
+from .terminal import Cli, Tmux
 
 GREETER = """
 from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
@@ -89,26 +86,6 @@ applications:
     import_path: cli_workflows:Sleeper
     ray_actor_options: {num_cpus: 0}
 """
-
-
-class Cli:
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
-        self.cwd, self.env = cwd, env
-
-    def __call__(self, *args: str, status: int = 0) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "llama_deploy_ray", *args],
-            cwd=self.cwd,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == status, (args, done.stdout, done.stderr)
-        return done
-
-    def json(self, *args: str) -> object:
-        return json.loads(self("--json", *args).stdout)
 
 
 @pytest.fixture(scope="module")
@@ -199,32 +176,6 @@ def test_a_changed_file_redeploys_only_what_changed(cli: Cli) -> None:
     # the core did not restart: the same session answers with the new code
     assert cli("run", "cli_greeter", "--session", session).stdout.strip() == "WELCOME you"
     assert len(cli.json("tasks", session)) == 2
-
-
-class Tmux:
-    """A terminal of its own (a tmux server on its own socket, with this test's environment)."""
-
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
-        if shutil.which("tmux") is None:
-            subprocess.run(["apt-get", "install", "-y", "-q", "tmux"], check=True)
-        self.socket = f"llama-deploy-ray-test-{os.getpid()}"
-        env = {k: v for k, v in env.items() if k != "COLUMNS"}  # the terminal says its size
-        self._tmux("new-session", "-d", "-x", "160", "-y", "45", "-c", str(cwd), env=env)
-
-    def _tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run(
-            ["tmux", "-L", self.socket, *args], env=env, capture_output=True, text=True, check=True
-        )
-        return done.stdout
-
-    def type(self, line: str) -> None:
-        self._tmux("send-keys", line, "Enter")
-
-    def screen(self) -> str:
-        return self._tmux("capture-pane", "-p")
-
-    def close(self) -> None:
-        self._tmux("kill-server")
 
 
 @pytest.mark.timeout(300)

@@ -62,6 +62,7 @@ UP_RECORD = Path("~/.llama-deploy-ray/up.json").expanduser()
 class _Options(BaseModel):
     url: str | None = None
     api_key: str | None = None
+    timeout: float | None = None
     json_output: bool = False
 
     def config(self, **overrides: Any) -> ControlPlaneConfig:
@@ -71,6 +72,8 @@ class _Options(BaseModel):
             fields |= {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 8000}
         if self.api_key:
             fields["api_key"] = self.api_key
+        if self.timeout is not None:
+            fields["request_timeout_s"] = self.timeout
         return ControlPlaneConfig(**fields)
 
 
@@ -86,12 +89,16 @@ def _global(
     api_key: Annotated[
         str | None, typer.Option(help="The API key (default: CONTROL_PLANE_API_KEY).")
     ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a request may take, retries included [default: 60]."),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of tables, for scripts.")
     ] = False,
 ) -> None:
     global _options
-    _options = _Options(url=url, api_key=api_key, json_output=json_output)
+    _options = _Options(url=url, api_key=api_key, timeout=timeout, json_output=json_output)
 
 
 def main() -> None:
@@ -108,21 +115,25 @@ def main() -> None:
 
 @app.command()
 def up(
-    port: Annotated[int, typer.Option(help="The HTTP API's port.")] = 8000,
-    host: Annotated[str, typer.Option(help="The interface it listens on.")] = "127.0.0.1",
-    shards: Annotated[int, typer.Option(help="Control-plane shards.")] = 1,
+    port: Annotated[int | None, typer.Option(help="The HTTP API's port [default: 8000].")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="The interface it listens on [default: 127.0.0.1].")
+    ] = None,
+    shards: Annotated[int | None, typer.Option(help="Control-plane shards [default: 1].")] = None,
 ) -> None:
     """Start the core (control plane, orchestrator, HTTP API).
 
     It goes on the Ray cluster in RAY_ADDRESS, or the one running on this machine; with
-    neither, on a local Ray started for it (`down` stops that one too)."""
+    neither, on a local Ray started for it (`down` stops that one too). Options not given
+    come from the CONTROL_PLANE_* environment variables."""
     from .._cluster.deploy import deploy_core
 
     started_ray = False
     if not os.environ.get("RAY_ADDRESS") and not _ray_running_here():
         _start_local_ray()
         started_ray = True
-    config = _options.config(host=host, port=port, shards=shards)
+    given = {"port": port, "host": host, "shards": shards}
+    config = _options.config(**{k: v for k, v in given.items() if v is not None})
     with out.status("starting the core (control plane, orchestrator, HTTP API)..."):
         asyncio.run(deploy_core(config, blocking=False))
     UP_RECORD.parent.mkdir(parents=True, exist_ok=True)
@@ -172,12 +183,15 @@ def _ray_running_here() -> bool:
 def _start_local_ray() -> None:
     env = {**SERVE_FAST_MODE_ENV, **os.environ}  # a variable the user set wins
     with out.status("starting a local Ray..."):
-        subprocess.run(
+        started = subprocess.run(
             [_ray_cli(), "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],
             env=env,
-            check=True,
             capture_output=True,
+            text=True,
         )
+    if started.returncode != 0:
+        said = (started.stderr or started.stdout).strip().splitlines()
+        raise LlamaDeployError(f"`ray start --head` failed: {said[-1] if said else 'no output'}")
 
 
 # deploying

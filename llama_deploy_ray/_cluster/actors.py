@@ -306,6 +306,10 @@ class ControlPlaneHandle:
         for shard in self.shards:
             shard.wait_ready()
 
+    def kill(self) -> None:
+        for shard in self.shards:
+            shard.kill()
+
     async def state_secret(self) -> bytes:
         return await self.shards[0].state_secret()  # every shard was given the same
 

@@ -48,7 +48,8 @@ class ServiceDeployment(BaseModel):
 
     workflow: PackedWorkflow
     config: WorkflowServiceConfig
-    # the workflow code's version, when the deployer knows one (Serve's deployment `version`)
+    # a digest of the workflow's code, when the deployer made one: a deploy of the same code
+    # and config can then leave the service as it runs (see `llama-deploy-ray deploy`)
     version: str | None = None
 
 
@@ -103,10 +104,8 @@ async def deploy_workflow(
 
     `workflow` is an instance (rebuilt in each replica from its class and attributes) or an
     import path `"package.module:attribute"`. Returns once the replicas are running; they live
-    in the cluster, not in this process. `version` names the workflow's code, as Serve's
-    deployment version does: deployed again with the same version, a service whose options
-    changed is updated in place (its replicas go on), and one whose code changed is replaced
-    replica by replica.
+    in the cluster, not in this process. `version`, a digest of the workflow's code, is
+    recorded with the service: a later deploy can tell that nothing changed.
 
         await deploy_workflow(MyWorkflow(), WorkflowServiceConfig(service_name="my_workflow"))
     """
@@ -137,8 +136,6 @@ async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -
     # serve.deployment made the class a Deployment (Ray's type hints keep the class)
     deployment: Any = WorkflowService
     options = workflow_config.deployment_options(service.workflow.timeout)
-    if service.version is not None:
-        options["version"] = service.version
     application = deployment.options(**options).bind(
         service.workflow,
         workflow_config.service_name,

@@ -142,8 +142,7 @@ def import_workflow(import_path: str, directory: Path = Path()) -> Workflow:
 
 
 def code_version(workflow: Workflow) -> str:
-    """A version of the workflow's code: a digest of the source file that defines its class
-    (Serve's deployment `version`: same version, same code)."""
+    """A version of the workflow's code: a digest of the source file that defines its class."""
     digest = hashlib.sha256(type(workflow).__qualname__.encode())
     source = inspect.getsourcefile(type(workflow))
     if source is not None:
