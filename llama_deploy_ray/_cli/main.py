@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -69,7 +70,13 @@ class _Options(BaseModel):
         fields: dict[str, Any] = dict(overrides)
         if self.url:
             parsed = urlparse(self.url if "://" in self.url else f"http://{self.url}")
-            fields |= {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 8000}
+            try:
+                fields |= {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 8000}
+            except ValueError as exc:  # a port that is not one
+                raise typer.BadParameter(
+                    f"{self.url!r} is not an address like http://host:8000 ({exc})",
+                    param_hint="--url",
+                ) from None
         if self.api_key:
             fields["api_key"] = self.api_key
         if self.timeout is not None:
@@ -102,12 +109,31 @@ def _global(
 
 
 def main() -> None:
-    """The console script: our errors become one line on stderr and exit status 1."""
+    """The console script: our errors, and settings that do not validate, become one line on
+    stderr and exit status 1."""
     try:
         app()
-    except LlamaDeployError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
+    except (LlamaDeployError, ValidationError) as exc:
+        reason = str(exc).replace("\n", "; ")
+        err.print(f"error: {reason}", markup=False, highlight=False)
         sys.exit(1)
+
+
+def _attach_ray(namespace: str) -> None:
+    """Join the Ray cluster in RAY_ADDRESS, or the one running here, as a quiet driver: the
+    cluster's own logs must not mix into what this command prints (JSON, tables)."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    try:
+        ray.init(
+            address=address, namespace=namespace, log_to_driver=False, logging_level=logging.ERROR
+        )
+    except ConnectionError as exc:
+        raise LlamaDeployError(
+            f"no Ray cluster at {address!r} ({exc}); start one with `llama-deploy-ray up`, or set "
+            "RAY_ADDRESS"
+        ) from exc
 
 
 # the core
@@ -155,7 +181,7 @@ def down() -> None:
 
     record = json.loads(UP_RECORD.read_text()) if UP_RECORD.exists() else {}
     namespace = record.get("namespace", _options.config().namespace)
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=namespace)
+    _attach_ray(namespace)
     with out.status("stopping the core..."):
         control_plane = ControlPlaneHandle.lookup(namespace)
         services = asyncio.run(control_plane.list_services())
@@ -263,10 +289,10 @@ def _deploy_with_progress(
 
     from .._cluster.actors import ControlPlaneHandle
     from .._cluster.api import serve_status
-    from .._cluster.deploy import ServiceDeployment, connect, deploy_workflow
+    from .._cluster.deploy import ServiceDeployment, deploy_workflow
     from .._cluster.deployment_file import code_version
 
-    connect(config, start_if_missing=False)
+    _attach_ray(config.namespace)
     services = [service for service, _ in jobs]
     done: dict[str, str] = {}
 

@@ -79,7 +79,7 @@ async def deploy_core(
             f"{type(message_queue_config).__name__} is not supported: llama-deploy-ray's "
             "message queue is Ray itself; pass SimpleMessageQueueConfig() or nothing"
         )
-    started_ray = connect(config, start_if_missing=True)
+    started_ray = _connect(config, start_if_missing=True)
     await asyncio.to_thread(_start_core, config, orchestrator_config)
     # services come back before the API answers, so the first client finds them
     await _redeploy_stored_services(config)
@@ -111,7 +111,7 @@ async def deploy_workflow(
     """
     config = control_plane_config or ControlPlaneConfig()
     packed = pack_workflow(workflow)
-    connect(config, start_if_missing=False)
+    _connect(config, start_if_missing=False)
     control_plane = ControlPlaneHandle.lookup(config.namespace)
     definition = ServiceDefinition(
         service_name=workflow_config.service_name,
@@ -188,7 +188,7 @@ def _warn_if_it_cannot_fit(config: WorkflowServiceConfig) -> None:
         )
 
 
-def connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
+def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
     """Attach to Ray, or start a local one if allowed; True when this process started it."""
     if ray.is_initialized():
         return False
