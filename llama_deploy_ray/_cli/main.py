@@ -119,11 +119,21 @@ def main() -> None:
         sys.exit(1)
 
 
+def _keep_stdout_for_results() -> None:
+    """Ray also prints to its driver's stdout, from threads and from C++ (its raylets'
+    warnings, say): from here on file descriptor 1 is stderr's, and what the command prints
+    goes to the stdout it was given, so `--json` output stays JSON."""
+    sys.stdout.flush()
+    out.file = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+
 def _attach_ray(namespace: str) -> None:
     """Join the Ray cluster in RAY_ADDRESS, or the one running here, as a quiet driver: the
     cluster's own logs must not mix into what this command prints (JSON, tables)."""
     import ray
 
+    _keep_stdout_for_results()
     address = os.environ.get("RAY_ADDRESS", "auto")
     try:
         ray.init(
@@ -412,9 +422,10 @@ def run(
         if not _options.json_output:
             err.print(f"session {session_client.session_id}, task {task_id}", highlight=False)
         for event in session_client.get_task_result_stream(task_id):
-            out.print_json(data=event) if not _options.json_output else print(
-                json.dumps(event), flush=True
-            )
+            if _options.json_output:
+                _print_json(event)
+            else:
+                out.print_json(data=event)
         result = session_client.get_task_result(task_id, wait_s=client.timeout)
         if result is None:
             raise LlamaDeployError(f"task {task_id} did not finish within {client.timeout:.0f} s")
@@ -559,4 +570,5 @@ def _print_tasks(found: list[TaskResult]) -> None:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, default=str))
+    out.file.write(json.dumps(value, default=str) + "\n")
+    out.file.flush()
