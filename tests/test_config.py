@@ -53,11 +53,27 @@ def test_deployment_options_reach_serve() -> None:
         "num_gpus": 0.0,
         "memory": 2**20,
         "resources": {"tpu": 1},
-        "runtime_env": {"env_vars": {"A": "1"}},
+        # Serve's fast mode holds 1,000 log records before writing them; ours write each
+        "runtime_env": {"env_vars": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "A": "1"}},
+    }
+    assert options["logging_config"] == {
+        "encoding": "TEXT",
+        "log_level": "INFO",
+        "enable_access_log": False,
     }
     default = WorkflowServiceConfig(service_name="s").deployment_options()
     assert default["num_replicas"] == 1
     assert default["ray_actor_options"]["num_cpus"] == 0.25
+    chosen = WorkflowServiceConfig(
+        service_name="s",
+        logging_config={"encoding": "JSON", "buffer_records": 50},
+        runtime_env={"env_vars": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "7"}},
+    ).deployment_options()
+    assert chosen["logging_config"]["encoding"] == "JSON"
+    # a variable the user sets wins
+    assert chosen["ray_actor_options"]["runtime_env"]["env_vars"] == {
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "7"
+    }
 
 
 def test_a_stopping_replica_waits_as_long_as_its_workflow_may_run() -> None:

@@ -4,13 +4,14 @@
     llama-deploy-ray deploy deployment.yaml       # every service the file lists
     llama-deploy-ray run my_workflow -a arg1=hello
     llama-deploy-ray status
+    llama-deploy-ray logs TASK                    # what the replicas logged running it
 
 Commands that talk to the core's HTTP API (`run`, `status`, `sessions`, ...) find it where
 `ControlPlaneConfig` says (the `CONTROL_PLANE_*` environment variables, or `--url` and
-`--api-key`); commands that start things (`up`, `down`, `deploy`) attach to the Ray cluster in
-`RAY_ADDRESS`, or the one running on this machine. Listings print as tables, or as JSON with
-`--json`. Exit status: 0 on success; 1 with a one-line reason on stderr when the core refuses
-or a task fails; 2 for a command line that does not parse.
+`--api-key`); commands that start things (`up`, `down`, `deploy`) and `logs` attach to the Ray
+cluster in `RAY_ADDRESS`, or the one running on this machine. Listings print as tables, or as
+JSON with `--json`. Exit status: 0 on success; 1 with a one-line reason on stderr when the
+core refuses or a task fails; 2 for a command line that does not parse.
 """
 
 from __future__ import annotations
@@ -534,6 +535,26 @@ def result(
     if not found.status.is_final:
         raise LlamaDeployError(f"task {task} is {found.status.value}: no result yet (try --wait)")
     _print_value(_value(found))
+
+
+@app.command()
+def logs(task: Annotated[str, typer.Argument(help="The task's id.")]) -> None:
+    """The lines the replicas logged while they ran a task, from every node's Serve logs,
+    oldest first (exit status 1 if there are none)."""
+    from .._cluster.task_logging import find_task_log_lines
+
+    _attach_ray(_options.config().namespace)
+    found = find_task_log_lines(task)
+    if not found:
+        raise LlamaDeployError(
+            f"no replica's log names task {task}: check the id (`llama-deploy-ray tasks "
+            "SESSION`); a workflow logs through logging.getLogger('ray.serve') or print"
+        )
+    if _options.json_output:
+        _print_json([line.model_dump() for line in found])
+        return
+    for line in found:
+        out.print(line.line, markup=False, highlight=False, soft_wrap=True)
 
 
 # printing

@@ -46,7 +46,7 @@ import time
 from collections import deque
 from typing import Any
 
-from .._shared.config import DRIVER_SILENCE_S, RETENTION_SWEEP_S
+from .._shared.config import DRIVER_SILENCE_S, METRICS_REPORT_S, RETENTION_SWEEP_S
 from .._shared.errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
@@ -67,6 +67,7 @@ from .._shared.types import (
     TaskResult,
     TaskStatus,
 )
+from .metrics import ControlPlaneMetrics, count_calls
 from .store import (
     Batch,
     EventAppend,
@@ -81,6 +82,7 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
+_UNFINISHED = (TaskStatus.PENDING.value, TaskStatus.RUNNING.value, TaskStatus.WAITING.value)
 _PairKey = tuple[str, str]
 _Key = tuple[Table, str]
 
@@ -147,6 +149,7 @@ class _Task:
         )
 
 
+@count_calls
 class ControlPlane:
     def __init__(
         self,
@@ -175,6 +178,8 @@ class ControlPlane:
         self._lines: dict[_PairKey, deque[str]] = {}
         self._drivers: dict[str, _Driver] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._metrics = ControlPlaneMetrics(shard)
+        self._reporter: asyncio.Task[None] | None = None
         # write-through: what changed since the last commit, and the commit that will take it
         self._store = open_store(state_store, namespace, shard)
         self._dirty: dict[_Key, None] = {}
@@ -191,7 +196,9 @@ class ControlPlane:
         if self._sweeper is None:
             # retention runs on a timer too, not only when tasks finish: an idle cluster
             # still forgets what it should
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.create_task(self._sweep_forever())
+            self._reporter = loop.create_task(self._report_forever())
         await self._persist()
         return True
 
@@ -248,8 +255,7 @@ class ControlPlane:
         """The service's unfinished tasks, counted by status."""
         if service_name not in self._services:
             raise ServiceNotFoundError(service_name)
-        unfinished = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.WAITING)
-        counts = dict.fromkeys((s.value for s in unfinished), 0)
+        counts = dict.fromkeys(_UNFINISHED, 0)
         # a line holds its (session, service) pair's unfinished tasks
         for (_, line_service), line in self._lines.items():
             if line_service == service_name:
@@ -398,6 +404,10 @@ class ControlPlane:
     def _start(self, record: _Task, owner: str) -> StartedTask | None:
         if record.result.status.is_final or record.owner != owner:
             return None
+        if not record.result.attempts:
+            self._metrics.task_started(
+                record.result.service_name or "", time.time() - record.result.created_at
+            )
         record.update(status=TaskStatus.RUNNING, attempts=record.result.attempts + 1)
         session = self._sessions.get(record.definition.session_id or "")
         state = session.state.get(record.result.service_name or "") if session else None
@@ -617,6 +627,7 @@ class ControlPlane:
                 continue
             self._commits += 1
             self._rows_written += len(batch)
+            self._metrics.store_commit(len(batch))
             if commit is not None:
                 commit.set_result(None)
 
@@ -720,10 +731,14 @@ class ControlPlane:
 
     # helpers
 
-    def _append_events(self, record: _Task | None, events: list[dict[str, Any]]) -> None:
-        while record is not None and events:
-            self._extend(record, "stream", events)
-            record = self._tasks.get(record.definition.parent_task_id or "")
+    def _append_events(self, record: _Task, events: list[dict[str, Any]]) -> None:
+        if not events:
+            return
+        self._metrics.events_streamed(record.result.service_name or "", len(events))
+        parent: _Task | None = record
+        while parent is not None:
+            self._extend(parent, "stream", events)
+            parent = self._tasks.get(parent.definition.parent_task_id or "")
 
     def _extend(self, record: _Task, name: EventLogName, events: list[dict[str, Any]]) -> None:
         log = record.stream if name == "stream" else record.inbox
@@ -758,7 +773,10 @@ class ControlPlane:
     def _close(self, record: _Task, **fields: Any) -> None:
         """Make the task final: record it, end its logs, move its line on, wake waiters."""
         record.snapshot = None
-        record.update(finished_at=time.time(), **fields)
+        result = record.update(finished_at=time.time(), **fields)
+        self._metrics.task_finished(
+            result.service_name or "", result.status.value, result.finished_at - result.created_at
+        )
         self._finished.append((time.monotonic(), record.definition.task_id))
         self._drop_expired()
         record.stream.close()
@@ -795,6 +813,17 @@ class ControlPlane:
         while True:
             await asyncio.sleep(min(RETENTION_SWEEP_S, self._session_retention_s))
             self._drop_expired()
+
+    async def _report_forever(self) -> None:
+        while True:
+            # every registered service's series, zeros included: a chart shows them all
+            counts = dict.fromkeys(itertools.product(self._services, _UNFINISHED), 0)
+            for (_, service_name), line in self._lines.items():
+                for task_id in line:
+                    key = (service_name, self._tasks[task_id].result.status.value)
+                    counts[key] = counts.get(key, 0) + 1
+            self._metrics.unfinished(counts)
+            await asyncio.sleep(METRICS_REPORT_S)
 
     def _resume(self, record: _Task) -> StartedTask:
         record.update(status=TaskStatus.RUNNING)

@@ -141,13 +141,13 @@ async def _run_service(service: ServiceDeployment, config: ControlPlaneConfig) -
         workflow_config.service_name,
         config.namespace,
         workflow_config.input_hold_s,
+        workflow_config.logging_config.encoding,
     )
     await asyncio.to_thread(
         serve.run,
         application,
         name=workflow_config.service_name,
         route_prefix=workflow_route(workflow_config.service_name),
-        logging_config=_QUIET_ACCESS_LOG,
     )
 
 

@@ -32,6 +32,7 @@ from .actors import ControlPlaneHandle, ControlPlaneShard, OrchestratorHandle
 from .nested import PARENT_RUN, ParentRun
 from .outbox import Outbox
 from .state_serializer import SignedStateSerializer
+from .task_logging import task_logged
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class RunEngine:
 
     async def run(self, started: StartedTask) -> TaskOutcome:
         """Run (or resume) the task from the state it starts from; its outcome."""
+        task = started.task
+        with task_logged(task.task_id, task.session_id or "", task.agent_id or ""):
+            return await self._run(started)
+
+    async def _run(self, started: StartedTask) -> TaskOutcome:
         task, state, resume = started.task, started.state, started.resume
         ctx = None
         if state and not resume:

@@ -37,6 +37,7 @@ from .guard import RequestGuard
 from .packaging import PackedWorkflow, unpack_workflow
 from .run_engine import RunEngine
 from .state_serializer import SignedStateSerializer
+from .task_logging import install_task_logging
 
 _ID = re.compile(ID_PATTERN)
 
@@ -44,8 +45,14 @@ _ID = re.compile(ID_PATTERN)
 @serve.deployment
 class WorkflowService:
     def __init__(
-        self, packed: PackedWorkflow, service_name: str, namespace: str, input_hold_s: float
+        self,
+        packed: PackedWorkflow,
+        service_name: str,
+        namespace: str,
+        input_hold_s: float,
+        log_encoding: str,
     ) -> None:
+        install_task_logging(log_encoding)
         workflow = unpack_workflow(packed)
         self._service_name = service_name
         control_plane = ControlPlaneHandle.lookup(namespace)

@@ -47,6 +47,8 @@ MAX_WAIT_S = 300.0
 PAGE_SIZE = 1000
 # How often the control plane forgets what is past its retention, besides when tasks finish.
 RETENTION_SWEEP_S = 30.0
+# How often the control plane sets its gauges (see `_metrics`); Ray exports every few seconds.
+METRICS_REPORT_S = 5.0
 # Ray Serve's HAProxy ingress and throughput-optimized mode, read when Ray and Serve start, for
 # the local Ray deploy_core starts. A stopping replica stays open 30 s by default so that cloud
 # load balancers can deregister it; the local HAProxy needs far less (and it retries refused
@@ -260,6 +262,37 @@ class RayActorOptions(BaseModel):
     resources: dict[str, float] = Field(default_factory=dict)
 
 
+class ServiceLoggingConfig(BaseModel):
+    """How a service's replicas log (Serve's `logging_config`), to Serve's replica log files
+    (`/tmp/ray/session_latest/logs/serve/replica_<service>_*.log` on each node).
+
+    What a workflow logs with `logging.getLogger("ray.serve")` (Serve's logger) or prints
+    while it runs a task is tagged with the task: `llama_task_id`, `llama_session_id` and
+    `llama_service`, as fields of each JSON record with `encoding="JSON"`, appended as
+    `key=value` to each line with `TEXT`. `llama-deploy-ray logs TASK` finds a task's lines.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoding: Literal["TEXT", "JSON"] = "TEXT"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    enable_access_log: bool = Field(
+        default=False,
+        description="A line per HTTP request: off by default, it costs more than the request "
+        "on a small machine.",
+    )
+    buffer_records: int = Field(
+        default=1,
+        ge=1,
+        description="Records a replica holds before it writes them to its file (errors are "
+        "written at once). Serve's fast mode holds 1,000, so a quiet replica's lines would "
+        "show late; 1 writes each as it comes.",
+    )
+
+    def serve_logging_config(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"buffer_records"})
+
+
 class WorkflowServiceConfig(BaseSettings):
     """How one workflow is served: its name and its Ray Serve deployment.
 
@@ -302,6 +335,7 @@ class WorkflowServiceConfig(BaseSettings):
             "parked (snapshotted, replica freed) until an event is sent to it."
         ),
     )
+    logging_config: ServiceLoggingConfig = Field(default_factory=ServiceLoggingConfig)
     graceful_shutdown_timeout_s: float | None = Field(
         default=None,
         gt=0,
@@ -332,8 +366,11 @@ class WorkflowServiceConfig(BaseSettings):
         """The keyword arguments for Ray Serve's `Deployment.options`, for a workflow whose
         timeout is `workflow_timeout` (None: it has none, or it is not known here)."""
         actor_options: dict[str, Any] = self.ray_actor_options.model_dump(exclude_none=True)
-        if self.runtime_env is not None:
-            actor_options["runtime_env"] = self.runtime_env
+        runtime_env = dict(self.runtime_env or {})
+        # read by Serve when the replica starts
+        buffer = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": str(self.logging_config.buffer_records)}
+        runtime_env["env_vars"] = buffer | runtime_env.get("env_vars", {})
+        actor_options["runtime_env"] = runtime_env
         options: dict[str, Any] = {
             "name": self.service_name,
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -341,6 +378,7 @@ class WorkflowServiceConfig(BaseSettings):
             "backpressure_config": {"retry_after_s": self.retry_after_s},
             "ray_actor_options": actor_options,
             "graceful_shutdown_timeout_s": self.drain_s(workflow_timeout),
+            "logging_config": self.logging_config.serve_logging_config(),
         }
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
