@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -220,3 +221,10 @@ def test_ray_up_then_a_workflow_deployed_from_the_head_answers_a_client(ray_up) 
     keyless = ControlPlaneConfig(host="127.0.0.1", port=API_PORT)
     with LlamaDeployClient(keyless, timeout=30) as client, pytest.raises(UnauthorizedError):
         client.list_services()
+    # the file's start commands have Serve run HAProxy through llama-deploy-ray-haproxy
+    admin = {
+        c.laddr.port: c.laddr.ip
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port in (8404, 9101)
+    }
+    assert admin == {8404: "127.0.0.1", 9101: "127.0.0.1"}

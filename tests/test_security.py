@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import pytest_asyncio
 import schemathesis
@@ -30,6 +31,7 @@ from llama_deploy_ray import (
 )
 from llama_deploy_ray._cluster.guard import _KV_KEY, REFRESH_S, publish_guard
 from llama_deploy_ray._shared.config import workflow_route
+from llama_deploy_ray_haproxy import bind_admin_pages
 
 from .conftest import service, wait_for
 from .workflows import ChatWorkflow, EchoWorkflow, StreamingWorkflow
@@ -267,3 +269,44 @@ def test_fuzzed_requests_never_get_a_5xx(case) -> None:
     checks = [not_a_server_error, response_schema_conformance]
     for headers in ({"Authorization": "Bearer new-key"}, {}):
         case.call_and_validate(headers=headers, checks=checks, timeout=30)
+
+
+def test_haproxy_admin_pages_listen_on_loopback_and_traffic_where_serve_put_it(
+    control_plane_config: ControlPlaneConfig,
+) -> None:
+    """Serve's fast mode (the shared core runs in it) would bind HAProxy's stats page and
+    metrics to every interface; they listen on 127.0.0.1, and the API where it is configured."""
+    haproxies = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+    assert haproxies, "the shared core runs Serve's HAProxy"
+    listening = {
+        c.laddr.port: c.laddr.ip
+        for p in haproxies
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert listening == {
+        8404: "127.0.0.1",
+        9101: "127.0.0.1",
+        control_plane_config.port: control_plane_config.host,
+    }
+    # the real HAProxy answers there: the program Serve ran became it
+    assert httpx.get("http://127.0.0.1:8404/stats", timeout=10).status_code == 200
+    assert "haproxy_process" in httpx.get("http://127.0.0.1:9101/metrics", timeout=10).text
+
+
+def test_only_the_admin_sections_of_a_haproxy_config_are_rebound() -> None:
+    config = (
+        "frontend prometheus\n"
+        "    bind :9101\n"
+        "    mode http\n"
+        "frontend http_frontend\n"
+        "    bind 0.0.0.0:8000\n"
+        "backend b\n"
+        "    server s1 10.0.0.2:30000 check\n"
+        "listen stats\n"
+        "  bind *:8404\n"
+        "  stats enable\n"
+    )
+    assert bind_admin_pages(config, "127.0.0.1") == config.replace(
+        "bind :9101", "bind 127.0.0.1:9101"
+    ).replace("bind *:8404", "bind 127.0.0.1:8404")

@@ -165,12 +165,12 @@ def up(
     come from the CONTROL_PLANE_* environment variables."""
     from .._cluster.deploy import deploy_core
 
-    started_ray = False
-    if not os.environ.get("RAY_ADDRESS") and not _ray_running_here():
-        _start_local_ray()
-        started_ray = True
     given = {"port": port, "host": host, "shards": shards}
     config = _options.config(**{k: v for k, v in given.items() if v is not None})
+    started_ray = False
+    if not os.environ.get("RAY_ADDRESS") and not _ray_running_here():
+        _start_local_ray(config)
+        started_ray = True
     with out.status("starting the core (control plane, orchestrator, HTTP API)..."):
         asyncio.run(deploy_core(config, blocking=False))
     UP_RECORD.parent.mkdir(parents=True, exist_ok=True)
@@ -217,8 +217,11 @@ def _ray_running_here() -> bool:
     return done.returncode == 0
 
 
-def _start_local_ray() -> None:
-    env = {**SERVE_FAST_MODE_ENV, **os.environ}  # a variable the user set wins
+def _start_local_ray(config: ControlPlaneConfig) -> None:
+    from llama_deploy_ray_haproxy import admin_env
+
+    # as deploy_core starts one; a variable the user set wins
+    env = {**SERVE_FAST_MODE_ENV, **admin_env(config.haproxy_admin_host), **os.environ}
     with out.status("starting a local Ray..."):
         started = subprocess.run(
             [_ray_cli(), "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],

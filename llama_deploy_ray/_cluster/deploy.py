@@ -15,6 +15,8 @@ from pydantic import BaseModel
 from ray import serve
 from workflows import Workflow
 
+from llama_deploy_ray_haproxy import ADMIN_HOST_ENV, admin_env
+
 from .._shared.config import (
     ORCHESTRATOR_ACTOR_NAME,
     SERVE_FAST_MODE_ENV,
@@ -204,7 +206,7 @@ def _connect(config: ControlPlaneConfig, *, start_if_missing: bool) -> bool:
             ) from exc
     if config.serve_fast_mode:
         # Ray's processes inherit this process's environment; a variable set by the user wins.
-        for name, value in SERVE_FAST_MODE_ENV.items():
+        for name, value in (SERVE_FAST_MODE_ENV | admin_env(config.haproxy_admin_host)).items():
             os.environ.setdefault(name, value)
     _check_ports_are_free(config)
     ray.init(namespace=config.namespace, include_dashboard=False, logging_level=logging.WARNING)
@@ -219,7 +221,10 @@ def _check_ports_are_free(config: ControlPlaneConfig) -> None:
             ("RAY_SERVE_HAPROXY_STATS_PORT", 8404, "HAProxy's stats page"),
             ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101, "HAProxy's metrics"),
         ):
-            ports[int(os.environ.get(name, default))] = ("0.0.0.0", f"{use} ({name})")
+            ports[int(os.environ.get(name, default))] = (
+                os.environ.get(ADMIN_HOST_ENV, "0.0.0.0"),
+                f"{use} ({name})",
+            )
     for port, (host, use) in ports.items():
         with socket.socket() as sock:
             # only a listener makes it fail, not the closed connections of an earlier run

@@ -189,10 +189,18 @@ class ControlPlaneConfig(BaseSettings):
         description=(
             "When deploy_core starts a local Ray: run Serve with its HAProxy ingress and "
             "throughput-optimized mode (about half the latency, twice the throughput). "
-            "Costs: replicas' HTTP ports and HAProxy's stats and metrics ports listen on all "
-            "interfaces, and workflow steps run on the replica's event loop, so a step that "
-            "blocks stalls its replica. No effect on a Ray started elsewhere (cluster.yaml "
-            "sets the same variables)."
+            "Costs: HAProxy opens a stats page and Prometheus metrics (on "
+            "`haproxy_admin_host`), and workflow steps run on the replica's event loop, so a "
+            "step that blocks stalls its replica. No effect on a Ray started elsewhere "
+            "(cluster.yaml sets the same variables)."
+        ),
+    )
+    haproxy_admin_host: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Where HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT, 8404) and Prometheus "
+            "metrics (RAY_SERVE_HAPROXY_METRICS_PORT, 9101) listen in Serve's fast mode; Serve "
+            "itself would bind them to every interface. 0.0.0.0 to scrape them from elsewhere."
         ),
     )
 
