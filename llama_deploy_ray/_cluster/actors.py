@@ -258,6 +258,9 @@ class ControlPlaneShard(_Handle):
     async def get_current_task(self, session_id: str) -> TaskResult | None:
         return await self._call(functools.partial(self._actor.get_current_task.remote, session_id))
 
+    async def latest_tasks(self, session_prefix: str) -> list[TaskResult]:
+        return await self._call(functools.partial(self._actor.latest_tasks.remote, session_prefix))
+
     # drivers
 
     def heartbeat_ref(self, driver_id: str) -> ray.ObjectRef:
@@ -371,6 +374,12 @@ class ControlPlaneHandle:
     async def create_session(self) -> SessionDefinition:
         session_id = SessionDefinition().session_id
         return await self.for_session(session_id).create_session(session_id)
+
+    async def latest_tasks(self, session_prefix: str) -> list[TaskResult]:
+        """The latest task of each session whose id starts with `session_prefix`, shard by
+        shard."""
+        found = await asyncio.gather(*(s.latest_tasks(session_prefix) for s in self.shards))
+        return [task for tasks in found for task in tasks]
 
     async def list_sessions(self, offset: int, limit: int | None) -> list[SessionDefinition]:
         """Sessions shard by shard, each shard's in the order they were created."""

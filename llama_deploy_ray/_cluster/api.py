@@ -1,5 +1,6 @@
 """The control plane's HTTP API: a stateless Ray Serve FastAPI ingress in front of the control
-plane and orchestrator actors, with the routes of llama_deploy's control plane server. (The
+plane and orchestrator actors, with the routes of llama_deploy's control plane server, and
+those of LlamaIndex's workflow server API that need no workflow (see `_handler_api`). (The
 clients send a `run` to its service's replicas directly, at `workflow_route(name)`.)
 
 Errors are JSON, `{"error": class name, "message": ..., "detail": {...}}`, with the status of
@@ -41,6 +42,9 @@ from .._shared.types import (
 )
 from .actors import ControlPlaneHandle, OrchestratorHandle
 from .guard import HEALTH_PATH, GuardMiddleware, RequestGuard
+from .handler_api import answers_as_workflow_server
+from .handler_api import router as handler_router
+from .handler_routes import error_response as handler_error_response
 
 API_APP_NAME = "llama_deploy_control_plane"
 # Far past any listing's end, and within what Python's slicing takes.
@@ -72,11 +76,14 @@ app = FastAPI(
     description="Services, sessions and tasks of llama-index workflows deployed on Ray Serve.",
 )
 app.add_middleware(GuardMiddleware)
+app.include_router(handler_router)
 
 
 @app.exception_handler(LlamaDeployError)
 @app.exception_handler(RayActorError)
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    if answers_as_workflow_server(request.url.path):
+        return handler_error_response(exc)
     error = error_to_answer(exc)
     return JSONResponse(status_code=error.status_code, content=error_to_json(error))
 
@@ -113,6 +120,8 @@ class ControlPlaneAPI:
         self._control_plane = ControlPlaneHandle.lookup(namespace)
         self._orchestrator = OrchestratorHandle.lookup(namespace)
         app.state.guard = RequestGuard(namespace)
+        # for the workflow server API's routes (see `_handler_api`)
+        app.state.control_plane, app.state.orchestrator = self._control_plane, self._orchestrator
 
     @app.get(HEALTH_PATH)
     async def health(self) -> dict[str, str]:

@@ -546,6 +546,17 @@ class ControlPlane:
         results = (self._tasks[t].result for t in session.task_ids if t in self._tasks)
         return list(itertools.islice(results, offset, None if limit is None else offset + limit))
 
+    async def latest_tasks(self, session_prefix: str) -> list[TaskResult]:
+        """The latest task of each session whose id starts with `session_prefix` (a handler's
+        run, see `_handlers`), sessions in the order they were created."""
+        found = []
+        for session_id, session in self._sessions.items():
+            if session_id.startswith(session_prefix):
+                latest = next((t for t in reversed(session.task_ids) if t in self._tasks), None)
+                if latest is not None:
+                    found.append(self._tasks[latest].result)
+        return found
+
     async def get_current_task(self, session_id: str) -> TaskResult | None:
         session = self._session(session_id)
         for task_id in reversed(session.task_ids):

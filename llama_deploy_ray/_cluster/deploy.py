@@ -8,12 +8,14 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 from pydantic import BaseModel
 from ray import serve
 from workflows import Workflow
+from workflows.events import Event
 
 from llama_deploy_ray_haproxy import ADMIN_HOST_ENV, admin_env
 
@@ -100,19 +102,22 @@ async def deploy_workflow(
     workflow_config: WorkflowServiceConfig,
     control_plane_config: ControlPlaneConfig | None = None,
     *,
+    additional_events: Sequence[type[Event]] = (),
     version: str | None = None,
 ) -> ServiceDefinition:
     """Deploy `workflow` as a Ray Serve application and register it as a service.
 
     `workflow` is an instance (rebuilt in each replica from its class and attributes) or an
     import path `"package.module:attribute"`. Returns once the replicas are running; they live
-    in the cluster, not in this process. `version`, a digest of the workflow's code, is
-    recorded with the service: a later deploy can tell that nothing changed.
+    in the cluster, not in this process. `additional_events` are event classes the workflow
+    waits for with `ctx.wait_for_event` (in no step's signature), so clients may send them,
+    as `WorkflowServer.add_workflow` takes them. `version`, a digest of the workflow's code,
+    is recorded with the service: a later deploy can tell that nothing changed.
 
         await deploy_workflow(MyWorkflow(), WorkflowServiceConfig(service_name="my_workflow"))
     """
     config = control_plane_config or ControlPlaneConfig()
-    packed = pack_workflow(workflow)
+    packed = pack_workflow(workflow, additional_events)
     _connect(config, start_if_missing=False)
     control_plane = ControlPlaneHandle.lookup(config.namespace)
     definition = ServiceDefinition(
@@ -127,7 +132,9 @@ async def deploy_workflow(
         await control_plane.register_service(definition)  # raises ServiceConflictError
     service = ServiceDeployment(workflow=packed, config=workflow_config, version=version)
     await _run_service(service, config)
-    events = None if isinstance(workflow, str) else sorted(accepted_events(workflow))
+    events = (
+        None if isinstance(workflow, str) else sorted(accepted_events(workflow, additional_events))
+    )
     return await control_plane.register_service(definition, events, service.model_dump_json())
 
 

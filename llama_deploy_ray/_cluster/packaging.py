@@ -6,17 +6,23 @@ replica; `Workflow.__init__`'s options (timeout, verbose, ...) are passed again.
 pickled by value, so a workflow defined in a script or a test module needs nothing installed on
 the workers. A workflow can also be named by import path, `"package.module:attribute"`, which
 the replica imports (it must be importable there: install it, or ship it with `runtime_env`).
+
+The events a workflow receives with `ctx.wait_for_event` appear in no step's signature;
+`additional_events` names them, and they travel in the same pickle as the workflow's class, so
+the replica's copy of such a class is the one its steps wait for.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
 from pydantic import BaseModel, ConfigDict
 from workflows import Workflow
+from workflows.events import Event
 
 from .._shared.errors import InvalidRequestError
 from .._shared.workflows_internals import FRAMEWORK_ATTRS, init_options
@@ -34,12 +40,22 @@ class PackedWorkflow(BaseModel):
     name: str
     timeout: float | None = None  # the workflow's, when known here (not for an import path)
     nested: dict[str, PackedWorkflow] = {}
+    # for an import path: its additional events, pickled by reference (an instance's are in
+    # its payload)
+    additional_events: bytes | None = None
 
 
-def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
+def pack_workflow(
+    workflow: Workflow | str, additional_events: Sequence[type[Event]] = ()
+) -> PackedWorkflow:
+    additional = list(additional_events)
+    for cls in additional:
+        if not (isinstance(cls, type) and issubclass(cls, Event)):
+            raise InvalidRequestError(f"additional_events must be Event classes, got {cls!r}")
     if isinstance(workflow, str):
         _split_import_path(workflow)
-        return PackedWorkflow(import_path=workflow, name=workflow)
+        events = cloudpickle.dumps(additional) if additional else None
+        return PackedWorkflow(import_path=workflow, name=workflow, additional_events=events)
     if not isinstance(workflow, Workflow):
         raise InvalidRequestError(
             f"workflow must be a llama-index Workflow instance or an import path "
@@ -56,7 +72,7 @@ def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        payload = cloudpickle.dumps((cls, options, user_attrs))
+        payload = cloudpickle.dumps((cls, options, user_attrs, additional))
     except Exception as exc:
         raise InvalidRequestError(
             f"workflow {cls.__name__} cannot be sent to Ray replicas: pickling it failed "
@@ -76,6 +92,11 @@ def pack_workflow(workflow: Workflow | str) -> PackedWorkflow:
 
 
 def unpack_workflow(packed: PackedWorkflow) -> Workflow:
+    return unpack_service(packed)[0]
+
+
+def unpack_service(packed: PackedWorkflow) -> tuple[Workflow, list[type[Event]]]:
+    """The workflow and its additional events."""
     if packed.import_path is not None:
         module_name, attr = _split_import_path(packed.import_path)
         target: Any = getattr(importlib.import_module(module_name), attr)
@@ -84,15 +105,17 @@ def unpack_workflow(packed: PackedWorkflow) -> Workflow:
             raise InvalidRequestError(
                 f"{packed.import_path} is a {type(workflow).__name__}, not a Workflow"
             )
-        return workflow
+        events = packed.additional_events
+        return workflow, cloudpickle.loads(events) if events is not None else []
     assert packed.payload is not None
-    cls, options, user_attrs = cloudpickle.loads(packed.payload)
+    # a deployment stored before additional events existed has none
+    cls, options, user_attrs, *additional = cloudpickle.loads(packed.payload)
     workflow = cls.__new__(cls)
     Workflow.__init__(workflow, **options)
     workflow.__dict__.update(user_attrs)
     if packed.nested:
         add_workflows(workflow, **{n: unpack_workflow(p) for n, p in packed.nested.items()})
-    return workflow
+    return workflow, additional[0] if additional else []
 
 
 def _split_import_path(path: str) -> tuple[str, str]:

@@ -136,6 +136,8 @@ class _TaskRun:
         return outcome
 
     async def _completed(self, result: Any, had_state: bool) -> TaskOutcome:
+        # a StopEvent subclass is the result itself: its fields, and its class's name
+        result_type = type(result).__name__ if isinstance(result, StopEvent) else None
         try:
             result = to_jsonable_python(result)
         except PydanticSerializationError as exc:
@@ -150,8 +152,9 @@ class _TaskRun:
         ctx = self._handler.ctx
         if not had_state and not (await ctx.store.get_state()).model_dump():
             # nothing to keep: skip serializing a context whose store was never written
-            return TaskOutcome(result=result)
-        return TaskOutcome(result=result, state=ctx.to_dict(serializer=self._engine.serializer))
+            return TaskOutcome(result=result, result_type=result_type)
+        state = ctx.to_dict(serializer=self._engine.serializer)
+        return TaskOutcome(result=result, result_type=result_type, state=state)
 
     # the stream
 

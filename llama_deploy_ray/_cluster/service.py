@@ -34,7 +34,9 @@ from .._shared.types import QueueMessage, TaskDefinition, TaskOutcome
 from .actors import ControlPlaneHandle, OrchestratorHandle
 from .driver import LocalDriver
 from .guard import RequestGuard
-from .packaging import PackedWorkflow, unpack_workflow
+from .handler_routes import RUN_ROUTES, WORKFLOW_ROUTES, HandlerRoutes
+from .handler_routes import error_response as handler_error_response
+from .packaging import PackedWorkflow, unpack_service
 from .run_engine import RunEngine
 from .state_serializer import SignedStateSerializer
 from .task_logging import install_task_logging
@@ -53,20 +55,23 @@ class WorkflowService:
         log_encoding: str,
     ) -> None:
         install_task_logging(log_encoding)
-        workflow = unpack_workflow(packed)
+        workflow, additional_events = unpack_service(packed)
         self._service_name = service_name
         control_plane = ControlPlaneHandle.lookup(namespace)
         self._engine = RunEngine(
             workflow,
             control_plane=control_plane,
             orchestrator=OrchestratorHandle.lookup(namespace),
-            accepted=accepted_events(workflow),
+            accepted=accepted_events(workflow, additional_events),
             # JSON where it can, a signed pickle where it must: state may hold any object a
             # step put there, and may also hold what a client sent
             serializer=SignedStateSerializer(control_plane.state_secret_blocking()),
             input_hold_s=input_hold_s,
         )
         self._driver: LocalDriver = LocalDriver(control_plane, self._engine.run)
+        self._handler_routes = HandlerRoutes(
+            workflow, service_name, additional_events, control_plane, self._driver
+        )
         self._guard: RequestGuard = RequestGuard(namespace)
 
     async def __call__(self, request: Request) -> Response:
@@ -81,17 +86,30 @@ class WorkflowService:
         return response
 
     async def _answer(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/").split("/")
+        # /workflows/{name}/run and the like: the workflow-serving API (see `_handler_routes`)
+        handler_route = path[-1] if len(path) >= 3 and path[-3] == "workflows" else None
+        respond = handler_error_response if handler_route else _error_response
         refusal = self._guard.refusal(request.method, request.url.path, request.headers)
         if refusal is not None:
-            return _error_response(refusal)
-        path = request.url.path.rstrip("/").split("/")
+            return respond(refusal)
+        if handler_route in RUN_ROUTES and request.method == "POST":
+            try:
+                body = await self._guard.read_body(request.stream())
+            except LlamaDeployError as exc:
+                return respond(exc)
+            return await self._handler_routes.run(body, wait=handler_route == "run")
+        if handler_route in WORKFLOW_ROUTES and request.method == "GET":
+            return self._handler_routes.describe(handler_route)
         is_run = len(path) >= 3 and path[-3] == "sessions" and path[-1] == "run"
         session_id = path[-2] if is_run else ""
         if request.method != "POST" or not _ID.match(session_id):
-            return _error_response(
+            return respond(
                 NotFoundError(
                     f"no route {request.method} {request.url.path}: a service takes "
-                    f"POST .../sessions/{{session_id}}/run, the id matching {ID_PATTERN}"
+                    f"POST .../sessions/{{session_id}}/run, the id matching {ID_PATTERN}; "
+                    f"POST .../run or .../run-nowait; GET .../schema, .../events or "
+                    ".../representation"
                 )
             )
         try:

@@ -7,9 +7,10 @@ for what follows the last sequence number they saw and wait when there is nothin
 can be read any number of times, by several readers at once, and resumed after a dropped
 connection.
 
-On the wire an event is a dict of its fields with two reserved keys beside them, which no
+On the wire an event is a dict of its fields with reserved keys beside them, which no
 pydantic field can take (field names cannot start with an underscore): `__type__`, the event
-class's name, and `__seq__`, its place in the log.
+class's name, `__seq__`, its place in the log, and, for a class that derives from another
+event class (an `InputRequiredEvent`, say), `__types__`: those classes' names.
 """
 
 from __future__ import annotations
@@ -31,15 +32,21 @@ from .workflows_internals import event_fields, events_taken_by, steps_of
 
 TYPE_KEY = "__type__"
 SEQ_KEY = "__seq__"
+TYPES_KEY = "__types__"
 DROPPED_TYPE = "EventsDropped"
 
 
-def accepted_events(workflow: Workflow) -> dict[str, type[Event]]:
-    """The event classes a client may send into a run of `workflow`, by name."""
+def accepted_events(
+    workflow: Workflow, additional: Iterable[type[Event]] = ()
+) -> dict[str, type[Event]]:
+    """The event classes a client may send into a run of `workflow`, by name: those its steps
+    take, and `additional` ones it waits for with `ctx.wait_for_event`."""
     classes: dict[str, type[Event]] = {HumanResponseEvent.__name__: HumanResponseEvent}
     for step_fn in steps_of(workflow).values():
         for cls in events_taken_by(step_fn):
             classes[cls.__name__] = cls
+    for cls in additional:
+        classes[cls.__name__] = cls
     return classes
 
 
@@ -47,6 +54,9 @@ def event_to_dict(event: Event) -> dict[str, Any]:
     """The event's fields (declared ones and those given as keyword data) and its type."""
     fields = to_jsonable_python(event_fields(event), fallback=repr)
     fields[TYPE_KEY] = type(event).__name__
+    bases = [c.__name__ for c in type(event).__mro__[1:] if issubclass(c, Event) and c is not Event]
+    if bases:
+        fields[TYPES_KEY] = bases
     return fields
 
 
@@ -58,7 +68,7 @@ def event_from_dict(data: dict[str, Any], accepted: dict[str, type[Event]]) -> E
         raise InvalidRequestError(
             f"the workflow accepts no event of type {type_name!r}; it accepts {sorted(accepted)}"
         )
-    fields = {k: v for k, v in data.items() if k not in (TYPE_KEY, SEQ_KEY)}
+    fields = {k: v for k, v in data.items() if k not in (TYPE_KEY, SEQ_KEY, TYPES_KEY)}
     try:
         return cls(**fields)
     except (ValidationError, TypeError) as exc:
@@ -70,6 +80,7 @@ class EventBatch(BaseModel):
 
     events: list[dict[str, Any]]
     closed: bool
+    last_seq: int = 0  # the log's last sequence number when it was read
 
 
 class EventLog:
@@ -130,9 +141,9 @@ class EventLog:
                 await asyncio.wait_for(changed.wait(), timeout=wait_s)
         if after >= self._dropped:
             kept = list(itertools.islice(self._events, after - self._dropped, None))
-            return EventBatch(events=kept, closed=self.closed)
+            return EventBatch(events=kept, closed=self.closed, last_seq=len(self))
         marker = {TYPE_KEY: DROPPED_TYPE, "dropped": self._dropped - after, SEQ_KEY: self._dropped}
-        return EventBatch(events=[marker, *self._events], closed=self.closed)
+        return EventBatch(events=[marker, *self._events], closed=self.closed, last_seq=len(self))
 
     def _notify(self) -> None:
         # wake every waiting reader once; later readers wait on a fresh event

@@ -120,6 +120,11 @@ class TaskResult(BaseModel):
     parent_task_id: str | None = None
     status: TaskStatus
     result: Any = None
+    result_type: str | None = Field(
+        default=None,
+        description="The class of the workflow's StopEvent when it is a subclass (then "
+        "`result` holds its fields); None for a plain StopEvent's result.",
+    )
     error: str | None = Field(default=None, description="Why the task failed, if it did.")
     error_type: str | None = Field(
         default=None, description="The class name of the workflow's exception, if any."
@@ -189,6 +194,7 @@ class TaskOutcome(BaseModel):
     event it took) instead of a result."""
 
     result: Any = None
+    result_type: str | None = None
     error: str | None = None
     error_type: str | None = None
     state: dict[str, Any] | None = None
@@ -203,6 +209,7 @@ class TaskOutcome(BaseModel):
         return {
             "status": TaskStatus.FAILED if failed else TaskStatus.COMPLETED,
             "result": self.result,
+            "result_type": self.result_type,
             "error": self.error,
             "error_type": self.error_type,
         }
