@@ -43,3 +43,22 @@ def test_state_is_json_or_a_signed_pickle_and_client_data_is_never_unpickled(
     with pytest.raises(StateIntegrityError, match="not one of ours"):
         serializer.deserialize(json.dumps(attack))
     assert not mark.exists()
+
+
+def test_a_known_class_wins_over_an_import_of_its_name() -> None:
+    """A workflow pickled by value has its own copies of its event classes: a waiter restored
+    from a snapshot must wait for those, not for what importing the name gives."""
+    from workflows.events import Event, HumanResponseEvent
+
+    from llama_deploy_ray._cluster.state_serializer import SignedStateSerializer
+
+    class Copy(Event):
+        response: str
+
+    Copy.__module__, Copy.__name__ = "workflows.events", "HumanResponseEvent"
+    known = SignedStateSerializer(SECRET, known_types=[Copy])
+    assert known.resolve_class("workflows.events.HumanResponseEvent") is Copy
+    assert (
+        SignedStateSerializer(SECRET).resolve_class("workflows.events.HumanResponseEvent")
+        is HumanResponseEvent
+    )

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from llama_agents.client import WorkflowClient
+from llama_agents.client import EventEnvelopeWithMetadata, EventStream, WorkflowClient
 from workflows import Context, Workflow, step
 from workflows.events import (
     Event,
@@ -67,6 +67,15 @@ class Ask(Workflow):
         return StopEvent(result=f"you said {answer.text}")
 
 
+class AskForever(Workflow):
+    """No timer pending while it waits: the reference server can lose such a run."""
+
+    @step
+    async def ask(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        answer = await ctx.wait_for_event(Answer, waiter_event=Question(prompt="still there?"))
+        return StopEvent(result=answer.text)
+
+
 class Fail(Workflow):
     @step
     async def fail(self, ev: StartEvent) -> StopEvent:
@@ -102,6 +111,13 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
         deploy_workflow(
             Ask(timeout=60),
             service("ws-ask"),
+            control_plane_config,
+            additional_events=[Answer],
+        ),
+        deploy_workflow(
+            AskForever(timeout=None),
+            # parked (snapshotted, its replica freed) half a second after it asks
+            service("ws-ask-forever", input_hold_s=0.5),
             control_plane_config,
             additional_events=[Answer],
         ),
@@ -214,6 +230,27 @@ async def test_human_input_through_an_additional_event(client: WorkflowClient) -
     with pytest.raises(httpx.HTTPStatusError) as ended:
         await client.send_event(handler.handler_id, Answer(text="again"))
     assert ended.value.response.status_code == 409
+
+
+async def test_a_run_waiting_with_no_timer_is_kept_until_its_answer_comes(
+    client: WorkflowClient,
+) -> None:
+    handler = await client.run_workflow_nowait("ws-ask-forever")
+    stream = client.get_workflow_events(handler.handler_id)
+    assert [e.type async for e in _until(stream, "Question")] == ["Question"]
+    await asyncio.sleep(2)  # parked by now: no replica holds it, the control plane does
+    assert (await client.get_handler(handler.handler_id)).status == "running"
+    await client.send_event(handler.handler_id, {"type": "Answer", "value": {"text": "yes"}})
+    done = await client.wait_for_handler(handler.handler_id, timeout=60, poll_interval=0.1)
+    assert done.result is not None and done.result.value == {"result": "yes"}
+
+
+async def _until(stream: EventStream, type_name: str) -> AsyncIterator[EventEnvelopeWithMetadata]:
+    async for event in stream:
+        yield event
+        if event.type == type_name:
+            break
+    await stream.aclose()
 
 
 async def test_a_failed_run_answers_500_with_the_handler(client: WorkflowClient) -> None:

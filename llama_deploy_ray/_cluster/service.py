@@ -58,14 +58,18 @@ class WorkflowService:
         workflow, additional_events = unpack_service(packed)
         self._service_name = service_name
         control_plane = ControlPlaneHandle.lookup(namespace)
+        accepted = accepted_events(workflow, additional_events)
         self._engine = RunEngine(
             workflow,
             control_plane=control_plane,
             orchestrator=OrchestratorHandle.lookup(namespace),
-            accepted=accepted_events(workflow, additional_events),
+            accepted=accepted,
             # JSON where it can, a signed pickle where it must: state may hold any object a
             # step put there, and may also hold what a client sent
-            serializer=SignedStateSerializer(control_plane.state_secret_blocking()),
+            serializer=SignedStateSerializer(
+                control_plane.state_secret_blocking(),
+                known_types=[*workflow.events, *accepted.values()],
+            ),
             input_hold_s=input_hold_s,
         )
         self._driver: LocalDriver = LocalDriver(control_plane, self._engine.run)

@@ -16,6 +16,11 @@ Pickles are made only by replicas, from objects a step put there; the secret is 
 `JsonSerializer`, which rebuilds pydantic models from a class name it finds in a dict; a dict a
 client sent that carries those marker keys is escaped, so it comes back as the same dict and
 never names a class to import.
+
+A class named in saved state (a pydantic model, the event a step waits for) is rebuilt by
+importing its name, unless it is one of the `known_types` the replica gives: a workflow
+pickled by value (defined in a script or a notebook) has its own copies of its event classes,
+and a waiter restored from a snapshot must wait for those, not for a fresh import's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import hashlib
 import hmac
 import json
 import pickle
+from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
@@ -47,11 +53,20 @@ class SignedStateSerializer(JsonSerializer):
     """A `workflows` serializer for `Context.to_dict` / `Context.from_dict` that never
     unpickles what it did not sign itself."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, known_types: Iterable[type[Any]] = ()) -> None:
         super().__init__()
         if len(secret) < 16:
             raise ValueError("the state secret must be at least 16 bytes")
         self._secret = secret
+        self._known = {
+            f"{cls.__module__}.{name}": cls
+            for cls in known_types
+            for name in (cls.__qualname__, cls.__name__)
+        }
+
+    def resolve_class(self, qualified_name: str) -> type[Any]:
+        known = self._known.get(qualified_name)
+        return known if known is not None else super().resolve_class(qualified_name)
 
     def serialize(self, value: Any) -> str:
         try:
