@@ -286,6 +286,19 @@ async def test_cancel_then_purge(client: WorkflowClient) -> None:
     assert gone.value.response.status_code == 404
 
 
+async def test_of_two_runs_started_at_once_under_one_id_one_is_refused(
+    client: WorkflowClient,
+) -> None:
+    both = await asyncio.gather(
+        *(client.run_workflow_nowait("ws-slow", handler_id="ws-race-1") for _ in range(2)),
+        return_exceptions=True,
+    )
+    refused = [r for r in both if isinstance(r, httpx.HTTPStatusError)]
+    assert len(refused) == 1 and refused[0].response.status_code == 409, both
+    assert refused[0].response.json() == {"detail": "Handler 'ws-race-1' is already running"}
+    await client.cancel_handler("ws-race-1", purge=True)
+
+
 async def test_a_finished_handler_run_again_continues_from_its_state(
     client: WorkflowClient, deployed: ControlPlaneConfig
 ) -> None:

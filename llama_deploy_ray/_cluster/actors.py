@@ -184,16 +184,22 @@ class ControlPlaneShard(_Handle):
 
     # tasks
 
-    async def create_task(self, task: TaskDefinition, owner: str) -> TaskResult:
-        return await self._call(functools.partial(self._actor.create_task.remote, task, owner))
+    async def create_task(
+        self, task: TaskDefinition, owner: str, exclusive: bool = False
+    ) -> TaskResult:
+        return await self._call(
+            functools.partial(self._actor.create_task.remote, task, owner, exclusive)
+        )
 
-    async def begin_task(self, task: TaskDefinition, owner: str) -> StartedTask | None:
+    async def begin_task(
+        self, task: TaskDefinition, owner: str, exclusive: bool = False
+    ) -> StartedTask | None:
         sent = 0
 
         def begin() -> Any:
             nonlocal sent
             sent += 1  # a call sent again says so: the task it may have begun is its own
-            return self._actor.begin_task.remote(task, owner, sent > 1)
+            return self._actor.begin_task.remote(task, owner, sent > 1, exclusive)
 
         return await self._call(begin)
 

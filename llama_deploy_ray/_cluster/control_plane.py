@@ -324,18 +324,21 @@ class ControlPlane:
 
     # tasks
 
-    async def create_task(self, task: TaskDefinition, owner: str) -> TaskResult:
+    async def create_task(
+        self, task: TaskDefinition, owner: str, exclusive: bool = False
+    ) -> TaskResult:
         """Record a task and put it in its session's line for its service; `owner` is the id
-        of the driver that will drive it.
+        of the driver that will drive it. `exclusive` refuses it (`TaskStateError`) while
+        another task of the session is unfinished (a handler runs once at a time).
 
         A task whose id this session already has is not created again: its existing record is
         returned, so a client that retries after a timeout or a cut connection never runs the
         work twice."""
-        record = self._create_task(task, owner)
+        record = self._create_task(task, owner, exclusive)
         await self._persist(("task", task.task_id))
         return record.result
 
-    def _create_task(self, task: TaskDefinition, owner: str) -> _Task:
+    def _create_task(self, task: TaskDefinition, owner: str, exclusive: bool = False) -> _Task:
         service_name = task.agent_id
         if not service_name:
             raise InvalidRequestError("the task names no service: set agent_id")
@@ -350,6 +353,14 @@ class ControlPlane:
             return existing
         if service_name not in self._services:
             raise ServiceNotFoundError(service_name)
+        if exclusive:
+            tasks = (self._tasks.get(t) for t in session.task_ids)
+            running = next((t for t in tasks if t and not t.result.status.is_final), None)
+            if running is not None:
+                raise TaskStateError(
+                    f"session {task.session_id!r} already runs task "
+                    f"{running.definition.task_id}: one at a time"
+                )
         parent = None
         if task.parent_task_id is not None:
             parent = self._tasks.get(task.parent_task_id)
@@ -384,14 +395,15 @@ class ControlPlane:
         return started
 
     async def begin_task(
-        self, task: TaskDefinition, owner: str, resent: bool = False
+        self, task: TaskDefinition, owner: str, resent: bool = False, exclusive: bool = False
     ) -> StartedTask | None:
         """`create_task` then `start_task`, in one call (and one commit, when the task's turn
         has come); None for a task that already existed (a client's retry: the first
         request's driver runs it). `resent` says the driver sends this call again because it
-        got no answer (the control plane restarted): the task it may have begun is its own."""
+        got no answer (the control plane restarted): the task it may have begun is its own.
+        `exclusive` as in `create_task`."""
         existing = self._tasks.get(task.task_id)
-        record = self._create_task(task, owner)  # refuses a different task under a known id
+        record = self._create_task(task, owner, exclusive)  # refuses another task, same id
         if existing is not None and not (resent and existing.owner == owner):
             return None
         if not record.turn.is_set():

@@ -77,20 +77,21 @@ class TaskDriver:
             ]
             threading.Thread(target=self._beat, name="driver-heartbeat", daemon=True).start()
 
-    async def run(self, task: TaskDefinition) -> TaskResult:
+    async def run(self, task: TaskDefinition, exclusive: bool = False) -> TaskResult:
         """Record `task`, drive it and return its result: final, or `waiting` when it was
-        parked to wait for input (then it holds no replica slot, nor this call).
+        parked to wait for input (then it holds no replica slot, nor this call). `exclusive`
+        refuses it while another task of its session is unfinished.
 
         The driving goes on if the caller goes away (a client that disconnected), so a task
         that started is always recorded."""
         self.start()
-        return await asyncio.shield(self.in_background(self._run(task)))
+        return await asyncio.shield(self.in_background(self._run(task, exclusive)))
 
-    async def submit(self, task: TaskDefinition) -> TaskResult:
+    async def submit(self, task: TaskDefinition, exclusive: bool = False) -> TaskResult:
         """Record `task`, drive it in the background and return its pending result."""
         self.start()
         shard = self._control_plane.for_session(task.session_id)
-        pending = await shard.create_task(task, self.driver_id)
+        pending = await shard.create_task(task, self.driver_id, exclusive)
         self.in_background(self._start_and_drive(shard, task.task_id))
         return pending
 
@@ -116,10 +117,10 @@ class TaskDriver:
         """Have the workflow run the task once (or resume it) and return its outcome."""
         raise NotImplementedError
 
-    async def _run(self, task: TaskDefinition) -> TaskResult:
+    async def _run(self, task: TaskDefinition, exclusive: bool) -> TaskResult:
         shard = self._control_plane.for_session(task.session_id)
         with self._driving(task.task_id):
-            started = await shard.begin_task(task, self.driver_id)
+            started = await shard.begin_task(task, self.driver_id, exclusive)
             result = await self._drive(shard, started, task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run
             return await shard.get_task(task.session_id, task.task_id)

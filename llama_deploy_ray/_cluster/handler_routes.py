@@ -61,14 +61,17 @@ class HandlerRoutes:
         """Start a run of a new or finished handler; with `wait`, answer when it is final
         (200 completed, 500 failed or cancelled, the handler in the body), else at once."""
         try:
-            task = await self._new_run(body)
-            if wait:
-                result = await self._driver.run(task)
-                shard = self._control_plane.for_session(task.session_id or "")
-                while not result.status.is_final:  # it waited for input, or runs elsewhere
-                    result = await shard.get_task(result.session_id or "", task.task_id, MAX_WAIT_S)
-            else:
-                result = await self._driver.submit(task)
+            handler_id, task = await self._new_run(body)
+            try:  # refused while the handler's last run is unfinished
+                if wait:
+                    result = await self._driver.run(task, exclusive=True)
+                else:
+                    result = await self._driver.submit(task, exclusive=True)
+            except TaskStateError:
+                raise TaskStateError(f"Handler '{handler_id}' is already running") from None
+            shard = self._control_plane.for_session(task.session_id or "")
+            while wait and not result.status.is_final:  # it waits for input, or runs elsewhere
+                result = await shard.get_task(result.session_id or "", task.task_id, MAX_WAIT_S)
         except (LlamaDeployError, RayActorError) as exc:
             return error_response(exc)
         handler = handler_from_task(result)
@@ -76,7 +79,7 @@ class HandlerRoutes:
         status = handler.http_status if wait else 200
         return JSONResponse(handler.model_dump(mode="json"), status_code=status)
 
-    async def _new_run(self, body: bytes) -> TaskDefinition:
+    async def _new_run(self, body: bytes) -> tuple[str, TaskDefinition]:
         try:
             data = json.loads(body)
         except ValueError as exc:
@@ -100,14 +103,11 @@ class HandlerRoutes:
                 f"handler_id {handler_id!r} must match {HANDLER_ID_PATTERN} (it names a session)"
             )
         session_id = session_of(handler_id)
-        shard = self._control_plane.for_session(session_id)
-        await shard.get_or_create_session(session_id)
-        current = await shard.get_current_task(session_id)
-        if current is not None and not current.status.is_final:
-            raise TaskStateError(f"Handler '{handler_id}' is already running")
-        return TaskDefinition(
+        await self._control_plane.for_session(session_id).get_or_create_session(session_id)
+        task = TaskDefinition(
             input=json.dumps(kwargs), session_id=session_id, agent_id=self._service_name
         )
+        return handler_id, task
 
     def describe(self, what: str) -> Response:
         """The workflow's start and stop event schemas, every event it knows, or its graph."""
