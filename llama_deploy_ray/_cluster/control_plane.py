@@ -796,9 +796,10 @@ class ControlPlane:
     def _close(self, record: _Task, **fields: Any) -> None:
         """Make the task final: record it, end its logs, move its line on, wake waiters."""
         record.snapshot = None
-        result = record.update(finished_at=time.time(), **fields)
+        finished_at = time.time()
+        result = record.update(finished_at=finished_at, **fields)
         self._metrics.task_finished(
-            result.service_name or "", result.status.value, result.finished_at - result.created_at
+            result.service_name or "", result.status.value, finished_at - result.created_at
         )
         self._finished.append((time.monotonic(), record.definition.task_id))
         self._drop_expired()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 from ray.exceptions import RayActorError
@@ -116,7 +116,7 @@ class HandlerRoutes:
         if what == "schema":
             content = {
                 "start": workflow.start_event_class.model_json_schema(),
-                "stop": workflow.stop_event_class.model_json_schema(),
+                "stop": cast("type[Event]", workflow.stop_event_class).model_json_schema(),
             }
         elif what == "events":
             events = [*workflow.events, *self._additional_events]

@@ -49,9 +49,11 @@ def pack_workflow(
     workflow: Workflow | str, additional_events: Sequence[type[Event]] = ()
 ) -> PackedWorkflow:
     additional = list(additional_events)
-    for cls in additional:
-        if not (isinstance(cls, type) and issubclass(cls, Event)):
-            raise InvalidRequestError(f"additional_events must be Event classes, got {cls!r}")
+    for event_class in additional:
+        if not (isinstance(event_class, type) and issubclass(event_class, Event)):
+            raise InvalidRequestError(
+                f"additional_events must be Event classes, got {event_class!r}"
+            )
     if isinstance(workflow, str):
         _split_import_path(workflow)
         events = cloudpickle.dumps(additional) if additional else None
