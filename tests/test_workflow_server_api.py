@@ -153,6 +153,13 @@ async def test_run_answers_the_finished_handler(client: WorkflowClient) -> None:
     assert named.result is not None
     assert (named.result.type, named.result.value) == ("Named", {"greeting": "hi Bo"})
     assert named.result.load_event([Named]).greeting == "hi Bo"
+    # the deprecated results route flattens the result: a plain StopEvent's, a subclass's fields
+    http = client.httpx_client
+    assert http is not None
+    plain = await http.get(f"/results/{handler.handler_id}")
+    assert (plain.status_code, plain.json()["result"]) == (200, "hello Ada")
+    fields = await http.get(f"/results/{named.handler_id}")
+    assert fields.json()["result"] == {"greeting": "hi Bo"}
 
 
 async def test_run_nowait_then_wait_and_list(client: WorkflowClient) -> None:
