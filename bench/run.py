@@ -4,8 +4,13 @@
   deployment called over HTTP and through a `DeploymentHandle`;
 - llama-deploy-ray through its HTTP clients (sync for latency, async for throughput) and
   through its Python API inside the cluster (the orchestrator actor);
+- llama-deploy-ray's second HTTP API, LlamaIndex's workflow server API (`ours_ws_api`), with
+  the same plain httpx client as bare Serve;
 - llama_deploy 0.2.4, the seed's own system, installed here into its own virtual environment
   from PyPI and driven with the same client calls (hello-world only: it is that slow);
+- `llama-agents-server` 0.8.0, LlamaIndex's own single-process server of that API, installed
+  the same way and driven with the same httpx calls as `ours_ws_api`, on its in-memory store
+  and on its SQLite store (hello-world);
 
 with Ray Serve's default settings and with its HAProxy ingress + throughput-optimized mode,
 each in a fresh local Ray, with the control plane's state store on (SQLite, the default); then
@@ -14,6 +19,11 @@ Usage (stop any other local Ray first, `ray stop`):
 
     python bench/run.py            # everything, ~20 minutes on 2 cores
     python bench/run.py --quick    # a smoke run: small sizes, no seed system
+
+Beside tasks/s, each system's CPU cost: CPU milliseconds per task summed over every process of
+the system under test (Ray's processes and workers, HAProxy; or the server), the load-generating
+client excluded. On a shared machine it is steadier than wall time, and it is what a cluster
+bill pays.
 
 Writes bench/results/latest.json and latest.png and prints the table. It reports figures; it
 never fails on one.
@@ -39,9 +49,11 @@ from typing import IO, Any
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 SEED_VENV = BENCH / ".venv-llama-deploy-0.2.4"
+AGENTS_SERVER_VENV = BENCH / ".venv-llama-agents-server-0.8.0"
 FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 MODES = {"default": {}, "fast": FAST_ENV}
 NO_STORE = "fast_no_store"
+CPU = "cpu_ms_per_task"
 
 
 class Sizes:
@@ -78,6 +90,20 @@ async def latencies(runs: dict[str, Callable[[], Awaitable[Any]]], n: int) -> di
     return {name: percentiles(figures) for name, figures in samples.items()}
 
 
+def system_cpu_s() -> float:
+    """CPU seconds used so far by every process this one started, and theirs: the system
+    under test (a Ray started here with its workers and HAProxy, or a server), without this
+    process, the client."""
+    import psutil
+
+    total = 0.0
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def throughput(
     makers: dict[str, Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]],
     levels: list[int],
@@ -85,8 +111,11 @@ async def throughput(
 ) -> dict[str, dict[str, float]]:
     """Tasks/s of each system with `level` sessions running `rounds` runs each at once. At each
     level the systems take turns, twice, and each keeps its better figure: load from elsewhere
-    on the machine only ever lowers a figure."""
+    on the machine only ever lowers a figure. Also each system's CPU per task over all its
+    timed runs (`cpu_ms_per_task`; not for `in_process`, which runs in the client)."""
     figures: dict[str, dict[str, float]] = {name: {} for name in makers}
+    cpu_s = dict.fromkeys(makers, 0.0)
+    tasks = dict.fromkeys(makers, 0)
 
     async def loop(run: Callable[[], Awaitable[Any]]) -> None:
         for _ in range(rounds):
@@ -99,10 +128,15 @@ async def throughput(
             await asyncio.gather(*(run() for run in runs))  # warm up: connections, replicas
         for _ in range(2):
             for name, runs in sessions.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), system_cpu_s()
                 await asyncio.gather(*(loop(run) for run in runs))
                 rate = level * rounds / (time.perf_counter() - start)
+                cpu_s[name] += system_cpu_s() - cpu_start
+                tasks[name] += level * rounds
                 figures[name][key] = max(rate, figures[name].get(key, 0.0))
+    for name in makers:
+        if name != "in_process":
+            figures[name]["cpu_ms_per_task"] = cpu_s[name] / tasks[name] * 1000
     return figures
 
 
@@ -221,6 +255,11 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                     session = await client.create_session()
                     return lambda: session.run(name, **kwargs)
 
+                ws_url = f"{config.url}/workflows/{name}/run"
+
+                async def ws_api_session(url=ws_url) -> Callable[[], Awaitable[Any]]:
+                    return lambda: http.post(url, json={"start_event": kwargs})
+
                 async def api_session(name=name) -> Callable[[], Awaitable[Any]]:
                     session = await control_plane.create_session.remote()
 
@@ -238,6 +277,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                     "serve_handle": handle_session,
                     "ours_sync_client": sync_session,
                     "ours_async_client": client_session,
+                    "ours_ws_api": ws_api_session,
                     "ours_python_api": api_session,
                 }
                 row = await latencies({s: await make() for s, make in sessions.items()}, n)
@@ -387,6 +427,60 @@ def measure_seed(sizes: Sizes) -> dict[str, Any]:
             server.wait()
 
 
+# LlamaIndex's own server of the workflow server API
+
+
+def measure_agents_server(sizes: Sizes) -> dict[str, Any]:
+    """hello-world on `llama-agents-server`, with its in-memory store and its SQLite one."""
+    python = AGENTS_SERVER_VENV / "bin" / "python"
+    if not python.exists():
+        print("installing llama-agents-server 0.8.0 into", AGENTS_SERVER_VENV, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(AGENTS_SERVER_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "llama-agents-server==0.8.0"], check=True
+        )
+    figures = {}
+    for store in ("memory", "sqlite"):
+        port = free_port()
+        where = "memory" if store == "memory" else str(Path(tempfile.mkdtemp()) / "hello.sqlite3")
+        with tempfile.TemporaryFile() as log:
+            server = subprocess.Popen(
+                [str(python), str(BENCH / "agents_server.py"), str(port), where],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                figures[store] = asyncio.run(_measure_ws_api(f"http://127.0.0.1:{port}", sizes))
+            finally:
+                server.kill()
+                server.wait()
+    return figures
+
+
+async def _measure_ws_api(base_url: str, sizes: Sizes) -> dict[str, float]:
+    import httpx
+
+    from llama_deploy_ray._client.clients import PooledTransport
+
+    deadline = time.monotonic() + 120
+    async with httpx.AsyncClient(transport=PooledTransport(), timeout=300) as http:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"{base_url}/health")).is_success:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama-agents-server did not come up at {base_url}")
+            await asyncio.sleep(0.5)
+
+        async def session() -> Callable[[], Awaitable[Any]]:
+            url, body = f"{base_url}/workflows/hello/run", {"start_event": {"arg1": "hello_world"}}
+            return lambda: http.post(url, json=body)
+
+        row = (await latencies({"server": await session()}, sizes.sequential))["server"]
+        row |= (await throughput({"server": session}, sizes.levels, sizes.rounds))["server"]
+        return row
+
+
 # report
 
 
@@ -404,10 +498,10 @@ def table(results: dict[str, Any]) -> str:
                 key=lambda k: int(k.split("@")[1]),
             )
             lines.append(f"\n## {workload}, Serve {mode} settings")
-            lines.append("| system | p50 ms | p99 ms | " + " | ".join(columns) + " |")
-            lines.append("|---" * (3 + len(columns)) + "|")
+            lines.append("| system | p50 ms | p99 ms | " + " | ".join(columns) + " | cpu ms/task |")
+            lines.append("|---" * (4 + len(columns)) + "|")
             for system, fig in rows.items():
-                cells = [f"{fig.get(c, float('nan')):.1f}" for c in columns]
+                cells = [f"{fig.get(c, float('nan')):.1f}" for c in [*columns, CPU]]
                 lines.append(
                     f"| {system} | {fig['p50_ms']:.1f} | {fig['p99_ms']:.1f} | "
                     + " | ".join(cells)
@@ -415,7 +509,7 @@ def table(results: dict[str, Any]) -> str:
                 )
             ours, floor = row["ours_async_client"], row["serve_http"]
             ratios = [f"p50 x{ours['p50_ms'] / floor['p50_ms']:.2f}"]
-            ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in columns if c in ours]
+            ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in [*columns, CPU] if c in ours]
             lines.append("\nours (async client) / bare Serve over HTTP: " + ", ".join(ratios))
             if workload == "hello" and "seed" in results:
                 seed = results["seed"]
@@ -448,6 +542,43 @@ def table(results: dict[str, Any]) -> str:
         )
     if NO_STORE in results and "fast" in results:
         lines.append(store_cost(results["fast"]["hello"], results[NO_STORE]["hello"]))
+    if "agents_server" in results and NO_STORE in results and "fast" in results:
+        lines.append(
+            against_agents_server(
+                results["agents_server"],
+                {"sqlite": results["fast"]["hello"], "memory": results[NO_STORE]["hello"]},
+            )
+        )
+    return "\n".join(lines)
+
+
+def against_agents_server(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """The workflow server API, hello-world, the same httpx client: llama-agents-server on its
+    in-memory and SQLite stores against ours (Serve's fast settings) without and with ours."""
+    rows = {
+        ("llama-agents-server 0.8.0", "memory"): theirs["memory"],
+        ("llama-agents-server 0.8.0", "sqlite"): theirs["sqlite"],
+        ("llama-deploy-ray", "memory"): ours["memory"]["ours_ws_api"],
+        ("llama-deploy-ray", "sqlite"): ours["sqlite"]["ours_ws_api"],
+    }
+    columns = sorted(
+        {k for fig in rows.values() for k in fig if k.startswith("tasks")},
+        key=lambda k: int(k.split("@")[1]),
+    )
+    lines = [
+        "\n## the workflow server API: ours against llama-agents-server (hello, one httpx client)",
+        "| server | store | p50 ms | " + " | ".join(columns) + " | cpu ms/task |",
+        "|---" * (4 + len(columns)) + "|",
+    ]
+    for (server, store), fig in rows.items():
+        cells = [f"{fig.get(c, float('nan')):.1f}" for c in [*columns, CPU]]
+        lines.append(f"| {server} | {store} | {fig['p50_ms']:.1f} | " + " | ".join(cells) + " |")
+    for store, durable in (("sqlite", "both durable"), ("memory", "neither durable")):
+        mine, other = rows[("llama-deploy-ray", store)], rows[("llama-agents-server 0.8.0", store)]
+        rates = ", ".join(f"{c} x{mine[c] / other[c]:.2f}" for c in columns)
+        lines.append(
+            f"{durable}, ours / theirs: p50 x{mine['p50_ms'] / other['p50_ms']:.2f}, {rates}"
+        )
     return "\n".join(lines)
 
 
@@ -535,6 +666,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--no-seed", action="store_true", help="skip llama_deploy 0.2.4")
     parser.add_argument(
+        "--no-agents-server", action="store_true", help="skip llama-agents-server 0.8.0"
+    )
+    parser.add_argument(
         "--workloads", nargs="+", help="measure hello and only these (wait100ms, cpu, stream3)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -581,6 +715,12 @@ def main() -> None:
             results["seed"] = measure_seed(sizes)
         except (RuntimeError, subprocess.SubprocessError) as exc:  # keep what was measured
             print(f"llama_deploy 0.2.4 was not measured: {exc}", getattr(exc, "stderr", ""))
+    if not (args.quick or args.no_agents_server):
+        print("measuring llama-agents-server 0.8.0 ...", flush=True)
+        try:
+            results["agents_server"] = measure_agents_server(sizes)
+        except (RuntimeError, subprocess.SubprocessError) as exc:  # keep what was measured
+            print(f"llama-agents-server was not measured: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     report(results, args.out)
