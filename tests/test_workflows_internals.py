@@ -22,6 +22,9 @@ def test_each_use_of_the_workflows_internals_still_holds() -> None:
 
     workflow = TypedHumanWorkflow(timeout=12, verbose=False)
     assert set(internals.steps_of(workflow)) == {"ask", "answer"}
+    internals.look_up_steps_once(workflow)
+    assert set(internals.steps_of(workflow)) == {"ask", "answer"}
+    assert internals.steps_of(workflow) is not internals.steps_of(workflow)  # a copy each time
     assert set(internals.steps_of_class(TypedHumanWorkflow)) == {"ask", "answer"}
     answer = internals.steps_of(workflow)["answer"]
     assert internals.events_taken_by(answer) == [Answer]

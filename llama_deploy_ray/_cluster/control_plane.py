@@ -847,6 +847,7 @@ class ControlPlane:
                     key = (service_name, self._tasks[task_id].result.status.value)
                     counts[key] = counts.get(key, 0) + 1
             self._metrics.unfinished(counts)
+            self._metrics.flush()
             await asyncio.sleep(METRICS_REPORT_S)
 
     def _resume(self, record: _Task) -> StartedTask:

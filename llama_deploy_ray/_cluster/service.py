@@ -31,6 +31,7 @@ from .._shared.errors import (
 )
 from .._shared.events import accepted_events, event_from_dict
 from .._shared.types import QueueMessage, TaskDefinition, TaskOutcome
+from .._shared.workflows_internals import look_up_steps_once
 from .actors import ControlPlaneHandle, OrchestratorHandle
 from .driver import LocalDriver
 from .guard import RequestGuard
@@ -56,6 +57,7 @@ class WorkflowService:
     ) -> None:
         install_task_logging(log_encoding)
         workflow, additional_events = unpack_service(packed)
+        look_up_steps_once(workflow)
         self._service_name = service_name
         control_plane = ControlPlaneHandle.lookup(namespace)
         accepted = accepted_events(workflow, additional_events)

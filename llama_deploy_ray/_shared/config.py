@@ -47,8 +47,9 @@ MAX_WAIT_S = 300.0
 PAGE_SIZE = 1000
 # How often the control plane forgets what is past its retention, besides when tasks finish.
 RETENTION_SWEEP_S = 30.0
-# How often the control plane sets its gauges (see `_metrics`); Ray exports every few seconds.
-METRICS_REPORT_S = 5.0
+# How often the control plane hands its metrics to Ray (see `_metrics`), which exports them
+# every few seconds.
+METRICS_REPORT_S = 1.0
 # Ray Serve's HAProxy ingress and throughput-optimized mode, read when Ray and Serve start, for
 # the local Ray deploy_core starts. A stopping replica stays open 30 s by default so that cloud
 # load balancers can deregister it; the local HAProxy needs far less (and it retries refused
