@@ -171,3 +171,15 @@ async def test_retention_runs_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (await control_plane.sizes())["sessions"] == 10
     await asyncio.sleep(0.6)  # no task ends: only the timer can forget them
     assert (await control_plane.sizes())["sessions"] == 0
+
+
+async def test_its_timers_start_with_its_first_change_as_after_a_restart() -> None:
+    """A restarted control plane is not sent `ready` again: retention and metrics must run
+    all the same."""
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._shared.config import METRICS_REPORT_S
+
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
+    await control_plane.create_session()  # counted, not yet handed to Ray
+    await asyncio.sleep(METRICS_REPORT_S * 1.5)
+    assert not control_plane._metrics._counts  # the reporter handed it over

@@ -337,6 +337,11 @@ async def test_unknown_names_are_404_and_bad_bodies_400(
         assert empty.status_code == 400 and "Invalid JSON body" in empty.json()["detail"]
         bad_id = await http.post("/workflows/ws-greet/run", json={"handler_id": "a/b"})
         assert bad_id.status_code == 400
+        deep = b"[" * 100_000 + b"]" * 100_000  # deeper than Python's parser goes
+        for route in ("/workflows/ws-greet/run", "/events/no-such-handler"):
+            answer = await http.post(route, content=deep)
+            assert answer.status_code == 400, route
+            assert "nests too deeply" in answer.json()["detail"], route
 
 
 async def test_schema_events_and_graph(client: WorkflowClient) -> None:

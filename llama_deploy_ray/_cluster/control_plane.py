@@ -193,12 +193,6 @@ class ControlPlane:
         self._mark(("meta", "secret"), ("meta", "shards"))
 
     async def ready(self) -> bool:
-        if self._sweeper is None:
-            # retention runs on a timer too, not only when tasks finish: an idle cluster
-            # still forgets what it should
-            loop = asyncio.get_running_loop()
-            self._sweeper = loop.create_task(self._sweep_forever())
-            self._reporter = loop.create_task(self._report_forever())
         await self._persist()
         return True
 
@@ -622,6 +616,8 @@ class ControlPlane:
     async def _persist(self, *keys: _Key) -> None:
         """Note records changed and return once they (and the event appends before them) are
         committed. A caller cancelled meanwhile leaves the commit to go on for the others."""
+        if self._sweeper is None:
+            self._start_timers()
         commit = self._mark(*keys)
         if commit is not None:
             await asyncio.shield(commit)
@@ -832,6 +828,14 @@ class ControlPlane:
                 self._mark(*(("state", _state_key(session_id, s)) for s in session.state))
         if len(self._sessions) < before:
             _release_memory()
+
+    def _start_timers(self) -> None:
+        """Retention runs on a timer too, not only when tasks finish (an idle cluster still
+        forgets what it should), and so do the metrics. Started by the first change this
+        incarnation of the actor makes: a restarted actor is not sent `ready` again."""
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_forever())
+        self._reporter = loop.create_task(self._report_forever())
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -10,7 +10,6 @@ the reference numbers them (our logs number from 1), then the event that ends th
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -31,6 +30,7 @@ from .._shared.handlers import (
 )
 from .._shared.types import TaskResult, check_json_depth
 from .actors import ControlPlaneHandle, OrchestratorHandle
+from .handler_routes import parse_json_body
 
 router = APIRouter(tags=["workflow server"])
 # an idle stream's heartbeat, as the reference sends one
@@ -115,10 +115,7 @@ async def cancel_handler(request: Request, handler_id: str, purge: str = "") -> 
 async def send_event(request: Request, handler_id: str) -> dict[str, str]:
     """Send an event into the running handler (human input): 200 once it is in the run's
     inbox, 409 if the run ended."""
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
-        raise InvalidRequestError(f"Invalid JSON body: {exc}") from None
+    body = parse_json_body(await request.body())
     if not isinstance(body, dict) or not body.get("event"):
         raise InvalidRequestError("Event data is required")
     event = event_from_envelope(body["event"])

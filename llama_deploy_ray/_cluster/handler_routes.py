@@ -80,10 +80,7 @@ class HandlerRoutes:
         return JSONResponse(handler.model_dump(mode="json"), status_code=status)
 
     async def _new_run(self, body: bytes) -> tuple[str, TaskDefinition]:
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise InvalidRequestError(f"Invalid JSON body: {exc}") from None
+        data = parse_json_body(body)
         if not isinstance(data, dict):
             raise InvalidRequestError("Invalid JSON body: expected an object")
         if data.get("context"):
@@ -124,6 +121,16 @@ class HandlerRoutes:
         else:
             content = {"graph": get_workflow_representation(workflow).model_dump(mode="json")}
         return JSONResponse(content)
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request's JSON body; one that does not parse, or nests deeper than the parser goes,
+    is the reference's 400."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        reason = exc if isinstance(exc, ValueError) else "it nests too deeply"
+        raise InvalidRequestError(f"Invalid JSON body: {reason}") from None
 
 
 def error_response(exc: Exception) -> JSONResponse:
