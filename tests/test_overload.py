@@ -59,7 +59,9 @@ async def test_thousands_queued_and_hundreds_waiting_leave_short_calls_fast(
     for _ in range(3):
         start = time.monotonic()
         await aclient.list_services()
-        assert time.monotonic() - start < 1.0
+        # a starved call would wait behind the 2-minute polls; a busy 2-core machine (the
+        # whole suite at once) takes a second or more for what takes milliseconds alone
+        assert time.monotonic() - start < 5.0
     assert not any(poll.done() for poll in polls)
 
     await session.cancel_task(blocker)

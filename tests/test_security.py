@@ -14,7 +14,11 @@ import httpx
 import psutil
 import pytest
 import pytest_asyncio
+
+# imported at collection, not lazily mid-suite: CPython 3.11 can fail to compile a module
+# after an earlier RecursionError in the process ("AST constructor recursion depth mismatch")
 import schemathesis
+import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, Phase, settings
 from pydantic import SecretStr
 from ray.experimental import internal_kv
