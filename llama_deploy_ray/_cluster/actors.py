@@ -192,14 +192,14 @@ class ControlPlaneShard(_Handle):
         )
 
     async def begin_task(
-        self, task: TaskDefinition, owner: str, exclusive: bool = False
+        self, task: TaskDefinition, owner: str, exclusive: bool = False, wait_for_turn: bool = True
     ) -> StartedTask | None:
         sent = 0
 
         def begin() -> Any:
             nonlocal sent
             sent += 1  # a call sent again says so: the task it may have begun is its own
-            return self._actor.begin_task.remote(task, owner, sent > 1, exclusive)
+            return self._actor.begin_task.remote(task, owner, sent > 1, exclusive, wait_for_turn)
 
         return await self._call(begin)
 

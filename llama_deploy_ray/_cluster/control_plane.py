@@ -389,19 +389,27 @@ class ControlPlane:
         return started
 
     async def begin_task(
-        self, task: TaskDefinition, owner: str, resent: bool = False, exclusive: bool = False
+        self,
+        task: TaskDefinition,
+        owner: str,
+        resent: bool = False,
+        exclusive: bool = False,
+        wait_for_turn: bool = True,
     ) -> StartedTask | None:
         """`create_task` then `start_task`, in one call (and one commit, when the task's turn
         has come); None for a task that already existed (a client's retry: the first
         request's driver runs it). `resent` says the driver sends this call again because it
         got no answer (the control plane restarted): the task it may have begun is its own.
-        `exclusive` as in `create_task`."""
+        `exclusive` as in `create_task`. Without `wait_for_turn`, a task whose turn has not
+        come is recorded and None returned: its driver starts it with `start_task`."""
         existing = self._tasks.get(task.task_id)
         record = self._create_task(task, owner, exclusive)  # refuses another task, same id
         if existing is not None and not (resent and existing.owner == owner):
             return None
         if not record.turn.is_set():
             await self._persist(("task", task.task_id))
+            if not wait_for_turn:
+                return None
             await record.turn.wait()
         started = self._start(record, owner)
         await self._persist(("task", task.task_id))

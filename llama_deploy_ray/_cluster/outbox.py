@@ -6,6 +6,7 @@ carries many items, and items leave in the order they were put.
 
     outbox = Outbox(lambda batch: shard.append_events(task_id, batch))
     outbox.put(event)          # sent at once when no call is on its way
+    await outbox.flush()       # what was put so far has landed
     left = await outbox.close()  # the call on its way lands; what was not sent is returned
 """
 
@@ -37,6 +38,11 @@ class Outbox(Generic[T]):
         self._items.append(item)
         if not self._closed and (self._sending is None or self._sending.done()):
             self._sending = self._spawn(self._drain(self._send(self._take())))
+
+    async def flush(self) -> None:
+        """Wait until what was put so far is sent and its call answered."""
+        while self._sending is not None and not self._sending.done():
+            await asyncio.shield(self._sending)
 
     async def close(self) -> list[T]:
         """Send nothing more; wait for the call on its way and return what was left."""
