@@ -116,7 +116,9 @@ def _two_lines(cli: Cli, task_id: str) -> list[str] | None:
 
 def test_logs_of_an_unknown_task_exit_1_saying_so(cli: Cli) -> None:
     done = cli("logs", "no-such-task", status=1)
-    assert done.stderr.startswith("error: no replica's log names task no-such-task"), done.stderr
+    # Ray's own warnings may come first on a busy machine
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith("error: no replica's log names task no-such-task"), done.stderr
 
 
 @pytest.mark.timeout(120)
@@ -146,7 +148,7 @@ async def test_prometheus_text_counts_every_task_once(
             assert _sum(samples, metric, service=name, **dict(labels)) == value, (name, metric)
         # a latency falls in the buckets up to its bound: the slowest of 4 is in the last
         assert _sum(samples, "task_latency_seconds_bucket", service=name, le="+Inf") == 4
-    for method in ("create_session", "create_task", "start_task", "finish_task"):
+    for method in ("create_session", "begin_tasks", "finish_tasks"):
         assert _sum(samples, "control_plane_calls_total", method=method) > 0, method
     # a task more is a store write more (earlier shards' series, gone with a restart, stay in
     # the text a while: only a change is compared)

@@ -18,6 +18,7 @@ import pytest_asyncio
 # imported at collection, not lazily mid-suite: CPython 3.11 can fail to compile a module
 # after an earlier RecursionError in the process ("AST constructor recursion depth mismatch")
 import schemathesis
+import schemathesis.specs.openapi.coverage._operation
 import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, Phase, settings
 from pydantic import SecretStr

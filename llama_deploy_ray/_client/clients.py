@@ -16,7 +16,7 @@ import httpx
 from workflows.events import Event
 
 from .._shared.config import ControlPlaneConfig
-from .._shared.errors import LlamaDeployError
+from .._shared.errors import LlamaDeployError, ServiceNotFoundError
 from .._shared.retry import call_retrying, call_retrying_sync
 from .._shared.types import (
     ServiceDefinition,
@@ -127,8 +127,11 @@ class LlamaDeployClient:
         )
         try:
             response = opening.result(timeout=core.LIVE_START_S)
-        except concurrent.futures.TimeoutError:  # every replica is busy: the orchestrator queues it
-            opening.add_done_callback(_close_if_opened)
+        except (concurrent.futures.TimeoutError, ServiceNotFoundError) as exc:
+            # every replica is busy (the orchestrator queues it), or the service has no route
+            # yet (just deployed: the registry has the say)
+            if isinstance(exc, concurrent.futures.TimeoutError):
+                opening.add_done_callback(_close_if_opened)
             self._send(core.create_task(session_id, task), deadline)
             return task.task_id
         for let_go in self._live.keep(task.task_id, response):
@@ -358,7 +361,9 @@ class AsyncLlamaDeployClient:
         )
         try:
             response = await asyncio.wait_for(opening, core.LIVE_START_S)
-        except asyncio.TimeoutError:  # every replica is busy: the orchestrator queues it
+        except (asyncio.TimeoutError, ServiceNotFoundError):
+            # every replica is busy (the orchestrator queues it), or the service has no route
+            # yet (just deployed: the registry has the say)
             await self._send(core.create_task(session_id, task), deadline)
             return task.task_id
         for let_go in self._live.keep(task.task_id, response):

@@ -79,6 +79,8 @@ class TaskDriver:
         self._outcomes: Outbox[tuple[ControlPlaneShard, str, TaskOutcome]] = Outbox(
             self._send_outcomes, self.in_background
         )
+        # tasks whose outcome was sent and not yet answered, each with its answer to come
+        self._recording: dict[str, asyncio.Future[None]] = {}
 
     def start(self) -> None:
         """Open the watch on each control-plane shard (needs a running event loop) and start
@@ -106,10 +108,28 @@ class TaskDriver:
         """Record `task` and drive it in the background: its pending result, and the driving,
         which returns the final result once it is recorded here, or None when the task's run
         stopped here first (parked for input, cancelled before it started, driven elsewhere)."""
+        pending, driving = await self._submit(task, exclusive, queue=True)
+        if pending is None:  # it existed: the first request's driver runs it
+            shard = self._control_plane.for_session(task.session_id)
+            pending = await shard.get_task(task.session_id, task.task_id)
+        return pending, driving
+
+    async def submit_if_first(
+        self, task: TaskDefinition
+    ) -> tuple[TaskResult, asyncio.Task[TaskResult | None]] | None:
+        """`submit`, for a task that no other task of its session is ahead of on its service;
+        None, with nothing recorded, for one that would wait for its turn (or that existed):
+        a driver that waits holding nothing (the orchestrator) takes those."""
+        pending, driving = await self._submit(task, exclusive=False, queue=False)
+        return None if pending is None else (pending, driving)
+
+    async def _submit(
+        self, task: TaskDefinition, exclusive: bool, queue: bool
+    ) -> tuple[TaskResult | None, asyncio.Task[TaskResult | None]]:
         self.start()
         shard = self._control_plane.for_session(task.session_id)
-        begun: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
-        driving = self.in_background(self._begin_and_drive(shard, task, exclusive, begun))
+        begun: asyncio.Future[TaskResult | None] = asyncio.get_running_loop().create_future()
+        driving = self.in_background(self._begin_and_drive(shard, task, exclusive, queue, begun))
         return await begun, driving
 
     def resume(self, started: StartedTask) -> None:
@@ -137,7 +157,8 @@ class TaskDriver:
     async def _run(self, task: TaskDefinition, exclusive: bool) -> TaskResult:
         shard = self._control_plane.for_session(task.session_id)
         with self._driving(task.task_id):
-            started = await shard.begin_task(task, self.driver_id, exclusive)
+            begun = await shard.begin_task(task, self.driver_id, exclusive)
+            started = await self._started(shard, task.task_id, begun)
             result = await self._drive(shard, started, task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run
             return await shard.get_task(task.session_id, task.task_id)
@@ -148,26 +169,38 @@ class TaskDriver:
         shard: ControlPlaneShard,
         task: TaskDefinition,
         exclusive: bool,
-        begun: asyncio.Future[TaskResult],
+        queue: bool,
+        begun: asyncio.Future[TaskResult | None],
     ) -> TaskResult | None:
         """Record the task and start it when its turn has come (one call), else once it
-        comes; `begun` gets its pending or running result as soon as it is recorded."""
+        comes; `begun` gets its pending or running result as soon as it is recorded (None: it
+        existed, or waits for its turn and `queue` is false)."""
         with self._driving(task.task_id):
             try:
-                started = await shard.begin_task(
-                    task, self.driver_id, exclusive=exclusive, wait_for_turn=False
-                )
-                if started is not None:
-                    begun.set_result(started.running)
-                else:  # it waits for its turn (or another driver has it)
-                    begun.set_result(await shard.get_task(task.session_id, task.task_id))
-                    started = await shard.start_task(task.task_id, self.driver_id)
+                answer = await shard.begin_task(task, self.driver_id, exclusive, queue)
             except Exception as exc:
-                if begun.done():
-                    raise
                 begun.set_exception(exc)
                 return None
-            return await self._drive(shard, started, task.task_id)
+            if isinstance(answer, StartedTask):
+                begun.set_result(answer.running)
+            else:
+                begun.set_result(answer)
+            started = await self._started(shard, task.task_id, answer)
+            result = await self._drive(shard, started, task.task_id)
+        # done once the outcome is recorded: a client told the task ended (its stream, say)
+        # then finds it final, and its session's next task first in line
+        recording = self._recording.get(task.task_id)
+        if recording is not None:
+            await asyncio.shield(recording)
+        return result
+
+    async def _started(
+        self, shard: ControlPlaneShard, task_id: str, begun: StartedTask | TaskResult | None
+    ) -> StartedTask | None:
+        """What `begin_task` answered, once the task has started (None: not here)."""
+        if isinstance(begun, TaskResult):  # in its session's line: start it when its turn comes
+            return await shard.start_task(task_id, self.driver_id)
+        return begun
 
     async def _start_and_drive(self, shard: ControlPlaneShard, task_id: str) -> TaskResult | None:
         with self._driving(task_id):
@@ -208,6 +241,7 @@ class TaskDriver:
             return await shard.finish_task(started.task.task_id, outcome)
         # sent now, before the answer leaves this driver (else with the outcomes that follow
         # it, once the call on its way is acknowledged)
+        self._recording[started.task.task_id] = asyncio.get_running_loop().create_future()
         self._outcomes.put((shard, started.task.task_id, outcome))
         return started.running.model_copy(
             update={**outcome.final_fields(), "finished_at": time.time()}
@@ -238,6 +272,11 @@ class TaskDriver:
         except Exception as exc:  # refused, or unreachable for the whole budget
             logger.error("the control plane did not record %d outcomes: %s", len(batch), exc)
             return
+        finally:
+            for task_id in batch:
+                recording = self._recording.pop(task_id, None)
+                if recording is not None:
+                    recording.set_result(None)
         for problem in problems:  # tasks a restarted control plane forgot
             logger.error("the control plane did not record an outcome: %s", problem)
 

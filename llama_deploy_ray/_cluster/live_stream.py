@@ -15,8 +15,9 @@ from the last event it saw, as it does when the connection drops. A response tha
 whole stream ends with a `StreamEnd` line.
 
 Events reach this response before the control plane has logged them: if the replica dies, a
-reader may have seen events of a run that the control plane never logged, and the task runs
-again (adopted) with a stream that goes on from what was logged.
+reader may have seen its last events that the control plane never logged; the task runs again
+(adopted) with a stream that goes on from what was logged, and the reader, resuming after the
+last number it saw, skips as many of that run's first events.
 """
 
 from __future__ import annotations

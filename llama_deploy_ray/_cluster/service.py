@@ -139,10 +139,17 @@ class WorkflowService:
         `_live_stream`)."""
         events = self._engine.watch_stream(task.task_id)  # before it runs: no event is missed
         try:
-            _, driving = await self._driver.submit(task)
+            submitted = await self._driver.submit_if_first(task)
         except BaseException:
             self._engine.stop_watching(task.task_id)
             raise
+        if submitted is None:
+            # another task of its session is ahead of it: waiting here would hold a request
+            # slot (and count as load); the orchestrator waits for its turn holding nothing
+            self._engine.stop_watching(task.task_id)
+            await self._engine.orchestrator.submit(task)
+            return StreamingResponse(iter(["\n"]), media_type="application/x-ndjson")
+        _, driving = submitted
         driving.add_done_callback(lambda _: self._engine.stop_watching(task.task_id))
         lines = live_event_lines(events, driving)
         return StreamingResponse(lines, media_type="application/x-ndjson")
