@@ -111,7 +111,7 @@ class ControlPlaneShard(_Handle):
     def __init__(self, actor: ActorHandle, shard: int = 0) -> None:
         super().__init__(actor, f"control plane (shard {shard})")
         self._begins: Batcher[
-            tuple[TaskDefinition, str, bool, bool],
+            tuple[TaskDefinition, str, bool, bool, bool],
             StartedTask | TaskResult | LlamaDeployError | None,
         ] = Batcher(self._begin_tasks)
 
@@ -190,28 +190,33 @@ class ControlPlaneShard(_Handle):
     # tasks
 
     async def begin_task(
-        self, task: TaskDefinition, owner: str, exclusive: bool = False, queue: bool = True
+        self,
+        task: TaskDefinition,
+        owner: str,
+        exclusive: bool = False,
+        queue: bool = True,
+        resent: bool = False,
     ) -> StartedTask | TaskResult | None:
         """The control plane's `begin_tasks` for one task: begins asked while a call is on its
-        way go together in the next call (under load, one call begins many tasks)."""
-        answer = await self._begins.ask((task, owner, exclusive, queue))
+        way go together in the next call (under load, one call begins many tasks). `resent`:
+        an earlier begin of it got no answer."""
+        answer = await self._begins.ask((task, owner, exclusive, queue, resent))
         if isinstance(answer, LlamaDeployError):
             raise answer
         return answer
 
     async def _begin_tasks(
-        self, begins: list[tuple[TaskDefinition, str, bool, bool]]
+        self, begins: list[tuple[TaskDefinition, str, bool, bool, bool]]
     ) -> list[StartedTask | TaskResult | LlamaDeployError | None]:
         sent = 0
 
         def begin() -> Any:
             nonlocal sent
             sent += 1  # a call sent again says so: the tasks it may have begun are its own
-            resent = sent > 1
             return self._actor.begin_tasks.remote(
                 [
-                    (task, owner, resent, exclusive, queue)
-                    for task, owner, exclusive, queue in begins
+                    (task, owner, resent or sent > 1, exclusive, queue)
+                    for task, owner, exclusive, queue, resent in begins
                 ]
             )
 

@@ -39,7 +39,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .._shared.config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
-from .._shared.retry import actor_unreachable, call_retrying
+from .._shared.errors import ControlPlaneUnavailableError
+from .._shared.retry import actor_unreachable, call_retrying, full_jitter_s
 from .._shared.types import (
     QueueMessage,
     StartedTask,
@@ -157,7 +158,7 @@ class TaskDriver:
     async def _run(self, task: TaskDefinition, exclusive: bool) -> TaskResult:
         shard = self._control_plane.for_session(task.session_id)
         with self._driving(task.task_id):
-            begun = await shard.begin_task(task, self.driver_id, exclusive)
+            begun = await self._begin(shard, task, exclusive, queue=True)
             started = await self._started(shard, task.task_id, begun)
             result = await self._drive(shard, started, task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run
@@ -177,7 +178,7 @@ class TaskDriver:
         existed, or waits for its turn and `queue` is false)."""
         with self._driving(task.task_id):
             try:
-                answer = await shard.begin_task(task, self.driver_id, exclusive, queue)
+                answer = await self._begin(shard, task, exclusive, queue)
             except Exception as exc:
                 begun.set_exception(exc)
                 return None
@@ -193,6 +194,39 @@ class TaskDriver:
         if recording is not None:
             await asyncio.shield(recording)
         return result
+
+    async def _begin(
+        self, shard: ControlPlaneShard, task: TaskDefinition, exclusive: bool, queue: bool
+    ) -> StartedTask | TaskResult | None:
+        """`begin_task`; when the control plane stayed unreachable, the call may still have
+        landed before it went, leaving the task this driver's and driven by nobody (the
+        client's retry finds it, another driver's): then, in the background, this driver asks
+        again until answered, and drives what it owns."""
+        try:
+            return await shard.begin_task(task, self.driver_id, exclusive, queue)
+        except ControlPlaneUnavailableError:
+            self.in_background(self._begin_again(shard, task, exclusive, queue))
+            raise
+
+    async def _begin_again(
+        self, shard: ControlPlaneShard, task: TaskDefinition, exclusive: bool, queue: bool
+    ) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            await asyncio.sleep(full_jitter_s(attempt))
+            try:
+                answer = await shard.begin_task(task, self.driver_id, exclusive, queue, True)
+                break
+            except ControlPlaneUnavailableError:
+                continue
+            except Exception:  # refused (a task of that id is another's): nothing to drive
+                return
+        if answer is None:
+            return
+        with self._driving(task.task_id):
+            started = await self._started(shard, task.task_id, answer)
+            await self._drive(shard, started, task.task_id)
 
     async def _started(
         self, shard: ControlPlaneShard, task_id: str, begun: StartedTask | TaskResult | None
