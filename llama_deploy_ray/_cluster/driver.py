@@ -180,12 +180,12 @@ class TaskDriver:
             try:
                 answer = await self._begin(shard, task, exclusive, queue)
             except Exception as exc:
-                begun.set_exception(exc)
+                if not begun.cancelled():
+                    begun.set_exception(exc)
                 return None
-            if isinstance(answer, StartedTask):
-                begun.set_result(answer.running)
-            else:
-                begun.set_result(answer)
+            # its asker may have gone (a client that gave up waiting): the driving goes on
+            if not begun.cancelled():
+                begun.set_result(answer.running if isinstance(answer, StartedTask) else answer)
             started = await self._started(shard, task.task_id, answer)
             result = await self._drive(shard, started, task.task_id)
         # done once the outcome is recorded: a client told the task ended (its stream, say)
