@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class ActorLike:
@@ -21,3 +22,9 @@ class ActorLike:
                 return asyncio.ensure_future(method(*args, **kwargs))
 
         return _Method
+
+
+async def begin(control_plane: Any, task: Any, owner: str, queue: bool = True) -> Any:
+    """A `ControlPlane`'s `begin_tasks` for one task, as a driver begins it: its answer."""
+    (answer,) = await control_plane.begin_tasks([(task, owner, False, False, queue)])
+    return answer

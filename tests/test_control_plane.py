@@ -13,6 +13,8 @@ from llama_deploy_ray import (
     TaskNotFoundError,
 )
 
+from .fakes import begin
+
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
@@ -26,7 +28,7 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
 
     async def run_one() -> str:
         task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
-        await control_plane.begin_task(task, "driver")
+        await begin(control_plane, task, "driver")
         await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
         return task.task_id
 
@@ -41,7 +43,7 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
     other = await control_plane.create_session()
     await control_plane.register_service(ServiceDefinition(service_name="svc"))
     task = TaskDefinition(input="{}", agent_id="svc", session_id=other.session_id)
-    await control_plane.begin_task(task, "driver")
+    await begin(control_plane, task, "driver")
     await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
     assert session.session_id not in {s.session_id for s in await control_plane.list_sessions()}
     assert (await control_plane.sizes())["sessions"] == 1
@@ -56,9 +58,13 @@ async def test_outcomes_recorded_together_move_each_line_on_and_name_unknown_tas
     sessions = [await control_plane.create_session() for _ in range(2)]
     tasks = [TaskDefinition(input="{}", agent_id="svc", session_id=s.session_id) for s in sessions]
     for task in tasks:
-        await control_plane.begin_task(task, "driver")
+        await begin(control_plane, task, "driver")
     later = TaskDefinition(input="{}", agent_id="svc", session_id=sessions[0].session_id)
-    waiting = asyncio.create_task(control_plane.begin_task(later, "driver"))
+    # a replica begins only what it can start now: the orchestrator queues the rest
+    assert await begin(control_plane, later, "replica", queue=False) is None
+    assert len(await control_plane.list_tasks(sessions[0].session_id)) == 1  # not recorded
+    assert (await begin(control_plane, later, "driver")).status is TaskStatus.PENDING
+    waiting = asyncio.create_task(control_plane.start_task(later.task_id, "driver"))
     await asyncio.sleep(0.05)
     assert not waiting.done()  # in its session's line behind tasks[0]
 
@@ -90,7 +96,7 @@ async def test_a_driver_hears_of_its_cancelled_tasks_and_a_silent_drivers_tasks_
         return TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
 
     cancelled, orphan, other_session_task = new_task(), new_task(), new_task()
-    await control_plane.begin_task(cancelled, "api")
+    await begin(control_plane, cancelled, "api")
     watch = asyncio.ensure_future(control_plane.watch_driver("api", wait_s=5))
     await asyncio.sleep(0.05)
     assert not watch.done()  # nothing to say: the watch waits
@@ -142,7 +148,7 @@ async def test_a_task_is_created_once_runs_under_one_owner_and_stays_in_its_sess
     task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
     first = await control_plane.create_task(task, "driver")
     assert await control_plane.create_task(task, "another") == first  # a retry: the same task
-    assert await control_plane.begin_task(task, "another") is None  # not started a second time
+    assert await begin(control_plane, task, "another") is None  # not started a second time
     with pytest.raises(InvalidRequestError, match="already exists"):
         await control_plane.create_task(task.model_copy(update={"input": '{"a": 1}'}), "driver")
     assert len(await control_plane.list_tasks(session.session_id)) == 1

@@ -342,13 +342,17 @@ async def test_async_client_methods(aclient: AsyncLlamaDeployClient) -> None:
         await aclient.get_session("async-session")
 
 
-def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client) -> None:
+def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client, deployed) -> None:
     import ray
 
     from llama_deploy_ray._shared.config import ORCHESTRATOR_ACTOR_NAME
 
     session = client.create_session()
-    task_id = session.run_nowait("sleep", seconds=2, tag="survivor")
+    # started through the API, the orchestrator drives it
+    task = TaskDefinition(input='{"seconds": 2, "tag": "survivor"}', agent_id="sleep")
+    url = f"{deployed.url}/sessions/{session.session_id}/tasks"
+    assert httpx.post(url, json=task.model_dump(), timeout=30).status_code == 200
+    task_id = task.task_id
     wait_for(
         lambda: session.get_task(task_id).status is TaskStatus.RUNNING,
         timeout_s=20,

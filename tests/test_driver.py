@@ -1,5 +1,5 @@
-"""A replica's driver against an in-process control plane: it hears of a cancel, and a task that
-cannot run fails."""
+"""A replica's driver against an in-process control plane: it hears of a cancel, a task that
+cannot run fails, and a task whose asker went away is driven to its end."""
 
 from __future__ import annotations
 
@@ -60,4 +60,94 @@ async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fai
     assert started_runs[-1] == after.task_id
     await control_plane.cancel_task(session.session_id, after.task_id)
     assert (await asyncio.wait_for(nxt, timeout=5)).status is TaskStatus.CANCELLED
+    await driver.drain()
+
+
+async def test_a_task_whose_asker_gave_up_before_its_begin_was_answered_still_runs() -> None:
+    """A client that stops waiting for `run_nowait` (its fallback after a second) cancels the
+    replica's request; the task its begin recorded and started is driven to the end anyway,
+    else it would stay running, owned by a live driver, and never be adopted."""
+    from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._cluster.driver import LocalDriver
+    from llama_deploy_ray._shared.types import (
+        ServiceDefinition,
+        StartedTask,
+        TaskOutcome,
+        TaskStatus,
+    )
+
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session = await control_plane.create_session()
+
+    async def run_here(started: StartedTask) -> TaskOutcome:
+        return TaskOutcome(result="done")
+
+    shard = ControlPlaneShard(ActorLike(control_plane))  # type: ignore[arg-type]
+    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+
+    asking = asyncio.ensure_future(driver.submit_if_first(task))
+    await asyncio.sleep(0)  # the begin is on its way, unanswered
+    asking.cancel()
+    await asyncio.sleep(0.2)  # recorded, and driven if the driving went on
+    result = await control_plane.get_task(session.session_id, task.task_id, wait_s=5)
+    assert result.status is TaskStatus.COMPLETED and result.result == "done", result
+    await driver.drain()
+
+
+async def test_a_begin_that_landed_but_was_never_answered_is_driven_once_answered(
+    monkeypatch,
+) -> None:
+    """The control plane recorded and started the task, then stayed unreachable for the whole
+    budget: the asker gets the 503, and the driver, which owns the task, asks again in the
+    background until answered and drives it (else nobody would: its owner is alive)."""
+    from ray.exceptions import ActorUnavailableError
+
+    from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._cluster.driver import LocalDriver
+    from llama_deploy_ray._shared import retry
+    from llama_deploy_ray._shared.errors import ControlPlaneUnavailableError
+    from llama_deploy_ray._shared.types import (
+        ServiceDefinition,
+        StartedTask,
+        TaskOutcome,
+        TaskStatus,
+    )
+
+    monkeypatch.setattr(retry.call_actor, "__defaults__", (0.3,))  # the budget, shortened
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session = await control_plane.create_session()
+    unreachable_until = asyncio.get_running_loop().time() + 1.0
+
+    class AnswerLost:
+        """The control plane, whose begins land but whose answers are lost for a second."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(control_plane, name)
+
+        async def begin_tasks(self, begins: list) -> list:
+            answers = await control_plane.begin_tasks(begins)
+            if asyncio.get_running_loop().time() < unreachable_until:
+                raise ActorUnavailableError("The actor is restarting", None)
+            return answers
+
+    async def run_here(started: StartedTask) -> TaskOutcome:
+        return TaskOutcome(result="done")
+
+    shard = ControlPlaneShard(ActorLike(AnswerLost()))  # type: ignore[arg-type]
+    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+
+    try:
+        await driver.submit_if_first(task)
+    except ControlPlaneUnavailableError:
+        pass
+    else:
+        raise AssertionError("the begin was answered within the budget: the test proved less")
+    result = await control_plane.get_task(session.session_id, task.task_id, wait_s=10)
+    assert result.status is TaskStatus.COMPLETED and result.result == "done", result
     await driver.drain()

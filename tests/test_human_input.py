@@ -100,6 +100,22 @@ def test_a_waiting_task_is_parked_and_outlives_its_timeout(client: LlamaDeployCl
     assert result.result == "late"
 
 
+def test_a_live_stream_goes_on_once_its_task_is_parked(client: LlamaDeployClient) -> None:
+    # read from the replica that ran the task until it was parked, then from the control plane
+    session = client.create_session()
+    task_id = session.run_nowait("human")
+    stream = session.get_task_result_stream(task_id)
+    assert next(stream)["__type__"] == "InputRequiredEvent"
+    wait_for(
+        lambda: session.get_task(task_id).status is TaskStatus.WAITING,
+        timeout_s=20,
+        what="the task to be parked",
+    )
+    session.send_event("human", task_id, HumanResponseEvent(response="parked"))
+    assert list(stream) == []  # it ends with the task
+    assert session.get_task_result(task_id, wait_s=30).result == "parked"
+
+
 def test_run_waits_through_human_input(client: LlamaDeployClient, deployed) -> None:
     session = client.create_session()
 

@@ -74,7 +74,12 @@ def test_nested_workflow_falls_back_to_the_local_instance(client: LlamaDeployCli
 def test_child_events_reach_the_parent_stream(client: LlamaDeployClient) -> None:
     session = client.create_session()
     task_id = session.run_nowait("parent", arg1="a")
-    assert [e["step"] for e in session.get_task_result_stream(task_id)] == [100]
+    # read from the parent's replica until the child starts, then from the control plane:
+    # every event once, in the log's order
+    events = list(session.get_task_result_stream(task_id))
+    assert [e["__seq__"] for e in events] == [1, 2, 3]
+    steps = [e["step"] for e in events]
+    assert sorted(steps) == [1, 2, 100] and steps.index(1) < steps.index(2)
 
 
 def test_a_failing_child_fails_the_parent(client: LlamaDeployClient) -> None:
@@ -104,8 +109,10 @@ def test_cancel_a_running_task_frees_its_slot(client: LlamaDeployClient) -> None
 
 def test_cancel_a_queued_task(client: LlamaDeployClient) -> None:
     session = client.create_session()
-    first = session.run_nowait("one_slot", seconds=1, tag="a")
+    first = session.run_nowait("one_slot", seconds=5, tag="a")
+    # the replica's one slot is taken: the task is recorded by the control plane, and queued
     second = session.run_nowait("one_slot", seconds=0, tag="b")
+    assert session.get_task(second).status is TaskStatus.PENDING
     assert session.cancel_task(second).status is TaskStatus.CANCELLED
     assert session.get_task_result(first, wait_s=30).result["log"] == ["a"]
     assert session.get_task_result(second).status is TaskStatus.CANCELLED

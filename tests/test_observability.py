@@ -148,7 +148,7 @@ async def test_prometheus_text_counts_every_task_once(
             assert _sum(samples, metric, service=name, **dict(labels)) == value, (name, metric)
         # a latency falls in the buckets up to its bound: the slowest of 4 is in the last
         assert _sum(samples, "task_latency_seconds_bucket", service=name, le="+Inf") == 4
-    for method in ("create_session", "create_task", "start_task", "finish_task"):
+    for method in ("create_session", "begin_tasks", "finish_tasks"):
         assert _sum(samples, "control_plane_calls_total", method=method) > 0, method
     # a task more is a store write more (earlier shards' series, gone with a restart, stay in
     # the text a while: only a change is compared)

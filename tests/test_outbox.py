@@ -1,10 +1,13 @@
-"""The outbox: one call in flight, what is put meanwhile coalesced into the next, in order."""
+"""The outbox and the batcher: one call in flight, what is put meanwhile coalesced into the next,
+in order; the batcher answers each asker from the call that carried its item."""
 
 from __future__ import annotations
 
 import asyncio
 
-from llama_deploy_ray._cluster.outbox import Outbox
+import pytest
+
+from llama_deploy_ray._cluster.outbox import Batcher, Outbox
 
 
 async def test_items_put_during_a_call_go_together_in_the_next() -> None:
@@ -64,3 +67,52 @@ def test_a_send_that_calls_at_once_is_on_its_way_before_put_returns() -> None:
         await outbox.close()
 
     asyncio.run(main())
+
+
+async def test_flush_waits_until_what_was_put_has_landed() -> None:
+    landed: list[int] = []
+
+    async def send(batch: list[int]) -> None:
+        await asyncio.sleep(0.02)
+        landed.extend(batch)
+
+    outbox: Outbox[int] = Outbox(send)
+    for item in (1, 2, 3):
+        outbox.put(item)
+    await outbox.flush()
+    assert landed == [1, 2, 3]
+
+
+async def test_asks_during_a_call_go_together_and_each_gets_its_own_answer() -> None:
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def send(batch: list[int]) -> list[int]:
+        calls.append(batch)
+        await release.wait()
+        return [item * 10 for item in batch]
+
+    batcher: Batcher[int, int] = Batcher(send)
+    first = asyncio.ensure_future(batcher.ask(1))
+    await asyncio.sleep(0.01)
+    rest = [asyncio.ensure_future(batcher.ask(item)) for item in (2, 3, 4)]
+    await asyncio.sleep(0.01)
+    assert calls == [[1]]  # the others wait for the call on its way
+    release.set()
+    assert await first == 10
+    assert await asyncio.gather(*rest) == [20, 30, 40]
+    assert calls == [[1], [2, 3, 4]]
+
+
+async def test_a_failed_call_fails_each_of_its_asks_and_not_the_next() -> None:
+    async def send(batch: list[str]) -> list[str]:
+        if "bad" in batch:
+            raise ConnectionError("unreachable")
+        return batch
+
+    batcher: Batcher[str, str] = Batcher(send)
+    asks = [asyncio.ensure_future(batcher.ask(item)) for item in ("bad", "other")]
+    for ask in asks:
+        with pytest.raises(ConnectionError):
+            await ask
+    assert await batcher.ask("good") == "good"

@@ -64,7 +64,7 @@ async def test_the_registry_is_on_every_shard_and_a_session_on_its_own() -> None
                 with pytest.raises(SessionNotFoundError):
                     await plane.get_session(session.session_id)
         task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
-        await control_plane.for_session(session.session_id).create_task(task, "driver")
+        await control_plane.for_session(session.session_id).begin_task(task, "driver")
 
     everything = await control_plane.list_sessions(0, None)
     assert sorted(s.session_id for s in everything) == sorted(s.session_id for s in sessions)
@@ -72,7 +72,7 @@ async def test_the_registry_is_on_every_shard_and_a_session_on_its_own() -> None
     assert [len(page) for page in pages] == [7, 7, 7, 7, 2]
     assert [s.session_id for page in pages for s in page] == [s.session_id for s in everything]
 
-    assert await control_plane.service_tasks("svc") == {"pending": 30, "running": 0, "waiting": 0}
+    assert await control_plane.service_tasks("svc") == {"pending": 0, "running": 30, "waiting": 0}
     sizes = await control_plane.sizes()
     assert (sizes["shards"], sizes["sessions"], sizes["tasks"]) == (3, 30, 30)
 

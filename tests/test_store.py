@@ -14,6 +14,8 @@ from llama_deploy_ray._cluster.store import open_store
 from llama_deploy_ray._shared.events import DROPPED_TYPE, TYPE_KEY
 from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome
 
+from .fakes import begin
+
 SECRET = b"k" * 32
 
 
@@ -35,10 +37,10 @@ async def test_a_control_plane_on_the_same_store_takes_everything_back(tmp_path:
     tasks = [TaskDefinition(input="{}", agent_id="svc", session_id="kept") for _ in range(4)]
     # one finished with state and more events than a stream keeps; one parked for input (it
     # keeps its place in the session's line); two waiting for their turn behind it
-    await first.begin_task(tasks[0], "replica-1")
+    await begin(first, tasks[0], "replica-1")
     await first.append_events(tasks[0].task_id, [{TYPE_KEY: "Progress", "n": n} for n in range(5)])
     await first.finish_task(tasks[0].task_id, TaskOutcome(result="done", state={"count": 1}))
-    await first.begin_task(tasks[1], "replica-1")
+    await begin(first, tasks[1], "replica-1")
     snapshot = {"parked": True}
     await first.park_task(tasks[1].task_id, TaskOutcome(snapshot=snapshot, inbox_seq=0))
     await first.create_task(tasks[2], "replica-2")
@@ -88,7 +90,7 @@ async def one_finished_task(store: str, session_id: str) -> tuple[ControlPlane, 
     await plane.register_service(ServiceDefinition(service_name="svc"))
     await plane.create_session(session_id)
     task = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
-    await plane.begin_task(task, "d")
+    await begin(plane, task, "d")
     await plane.finish_task(task.task_id, TaskOutcome(result=1, state={"n": 1}))
     return plane, task.task_id
 

@@ -15,6 +15,7 @@ from llama_deploy_ray import (
     AsyncLlamaDeployClient,
     ControlPlaneConfig,
     LlamaDeployClient,
+    TaskDefinition,
     TaskNotFoundError,
     TaskStatus,
     deploy_workflow,
@@ -60,6 +61,40 @@ async def test_two_readers_at_once_and_a_second_reading(aclient: AsyncLlamaDeplo
     assert first == second == [0, 1, 2]
     assert await read() == [0, 1, 2]  # read again after the task ended
     assert await read(after=2) == [2]  # resumed after sequence number 2
+
+
+def test_run_nowait_answers_at_once_with_the_stream(client, deployed) -> None:
+    # the replica that runs the task carries its stream on the response that started it
+    session = client.create_session()
+    task = TaskDefinition(input=json.dumps({"pause": 0.3}), agent_id="streaming")
+    url = f"{deployed.url}/workflows/streaming/sessions/{session.session_id}/run-nowait"
+    with httpx.stream("POST", url, json=task.model_dump(), timeout=30) as response:
+        assert response.status_code == 200  # the task is recorded, and not final yet
+        assert not session.get_task(task.task_id).status.is_final
+        lines = [json.loads(line) for line in response.iter_lines() if line.strip()]
+    assert [(e["__seq__"], e["step"]) for e in lines[:-1]] == [(1, 0), (2, 1), (3, 2)]
+    assert lines[-1] == {"__type__": "StreamEnd"}  # the log closed: nothing follows
+    assert session.get_task_result(task.task_id).result == "streamed"
+
+
+async def test_started_tasks_stream_in_full_kept_or_not(aclient: AsyncLlamaDeployClient) -> None:
+    # the client keeps the responses of the last 16 tasks it started; the others, and a
+    # stream read again, come from the control plane
+    session = await aclient.create_session()
+    task_ids = [await session.run_nowait("streaming", pause=0.05) for _ in range(20)]
+    for task_id in task_ids:
+        assert [e["step"] async for e in session.get_task_result_stream(task_id)] == [0, 1, 2]
+    assert [e["step"] async for e in session.get_task_result_stream(task_ids[-1])] == [0, 1, 2]
+
+
+def test_a_started_task_outlives_its_client(deployed) -> None:
+    with LlamaDeployClient(deployed) as client:
+        session_id = client.create_session().session_id
+        task_id = client.get_session(session_id).run_nowait("streaming", pause=0.3)
+    # closed with the client: the response that carried the stream, not the task
+    with LlamaDeployClient(deployed) as client:
+        result = client.get_session(session_id).get_task(task_id, wait_s=30)
+    assert result.status is TaskStatus.COMPLETED, result.error
 
 
 def test_stream_of_an_unknown_task_is_a_404(client, deployed) -> None:

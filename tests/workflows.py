@@ -177,14 +177,17 @@ class LocalInnerWorkflow(Workflow):
 
 
 class OuterWorkflow(Workflow):
-    """The seed's outer workflow, nesting a workflow named `child`."""
+    """The seed's outer workflow, nesting a workflow named `child`; it streams an event before
+    the child runs and one after."""
 
     @step()
-    async def run_step(self, ev: StartEvent, child: InnerWorkflow) -> StopEvent:
+    async def run_step(self, ctx: Context, ev: StartEvent, child: InnerWorkflow) -> StopEvent:
         arg1 = ev.get("arg1")
         if not arg1:
             raise ValueError("arg1 is required.")
+        ctx.write_event_to_stream(Progress(step=1))
         arg1 = await child.run(arg1=arg1, seconds=ev.get("seconds", 0))
+        ctx.write_event_to_stream(Progress(step=2))
         return StopEvent(result=str(arg1) + "_result")
 
 

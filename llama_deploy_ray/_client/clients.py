@@ -5,6 +5,7 @@ sends it; the two clients differ only in how they send."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import itertools
 import time
@@ -15,7 +16,7 @@ import httpx
 from workflows.events import Event
 
 from .._shared.config import ControlPlaneConfig
-from .._shared.errors import LlamaDeployError
+from .._shared.errors import LlamaDeployError, ServiceNotFoundError
 from .._shared.retry import call_retrying, call_retrying_sync
 from .._shared.types import (
     ServiceDefinition,
@@ -50,6 +51,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
         await asyncio.gather(*(pool.aclose() for pool in self._pools))
 
 
+def _close_if_opened(opening: concurrent.futures.Future[httpx.Response]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 class LlamaDeployClient:
     """Talks to a deployed control plane.
 
@@ -70,6 +76,8 @@ class LlamaDeployClient:
         self._http = httpx.Client(
             base_url=config.url, limits=_LIMITS, headers=config.auth_headers()
         )
+        self._live: core.LiveStreams[httpx.Response] = core.LiveStreams()
+        self._openers = concurrent.futures.ThreadPoolExecutor(32, "llama-deploy-start")
 
     def _send(self, call: Call[core.T], deadline: float | None = None) -> core.T:
         """Send `call`, again under the retry policy while that may help, until `deadline`
@@ -89,8 +97,61 @@ class LlamaDeployClient:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
 
+    def _open(self, call: Call[Any], deadline: float) -> httpx.Response:
+        """Send `call` and return its response once its headers arrived, its body unread (the
+        caller closes it); an error answer is raised."""
+        kwargs = core.request_kwargs(call, deadline, self.timeout)
+        request = self._http.build_request(call.method, call.path, **kwargs)
+        try:
+            response = self._http.send(request, stream=True)
+            if not response.is_success:
+                try:
+                    response.read()
+                finally:
+                    response.close()
+        except httpx.TransportError as exc:
+            raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
+        if not response.is_success:
+            core.read_response(call, response)
+        return response
+
+    def _start(self, session_id: str, task: TaskDefinition) -> str:
+        call = core.start_task(session_id, task)
+        deadline = core.deadline_after(self.timeout)
+        # in a thread of its own, so that a start Serve keeps waiting can be left to it
+        opening = self._openers.submit(
+            call_retrying_sync,
+            functools.partial(self._open, call, deadline),
+            functools.partial(core.is_retryable, call),
+            budget_s=deadline - time.monotonic(),
+        )
+        try:
+            response = opening.result(timeout=core.LIVE_START_S)
+        except (concurrent.futures.TimeoutError, ServiceNotFoundError) as exc:
+            # every replica is busy (the orchestrator queues it), or the service has no route
+            # yet (just deployed: the registry has the say)
+            if isinstance(exc, concurrent.futures.TimeoutError):
+                opening.add_done_callback(_close_if_opened)
+            self._send(core.create_task(session_id, task), deadline)
+            return task.task_id
+        for let_go in self._live.keep(task.task_id, response):
+            let_go.close()
+        return task.task_id
+
     def _events(self, session_id: str, task_id: str, after: int) -> Iterator[dict[str, Any]]:
         cursor = core.StreamCursor(session_id, task_id, after, self.timeout)
+        live = self._live.take(task_id)
+        if live is not None:
+            try:
+                for line in live.iter_lines():
+                    if (event := cursor.live_event(line)) is not None:
+                        yield event
+            except httpx.TransportError:
+                pass  # cut: read on from the control plane
+            finally:
+                live.close()
+            if cursor.ended:
+                return
         while True:
             try:
                 for event in self._stream(cursor.call()):
@@ -101,20 +162,21 @@ class LlamaDeployClient:
                 time.sleep(cursor.wait_before_reconnecting_s(exc))
 
     def _stream(self, call: Call[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
-        kwargs = core.request_kwargs(call, core.deadline_after(self.timeout), self.timeout)
+        response = self._open(call, core.deadline_after(self.timeout))
         try:
-            with self._http.stream(call.method, call.path, **kwargs) as response:
-                if not response.is_success:
-                    response.read()
-                    core.read_response(call, response)
-                for line in response.iter_lines():
-                    item = call.parse(line)
-                    if item is not None:
-                        yield item
+            for line in response.iter_lines():
+                item = call.parse(line)
+                if item is not None:
+                    yield item
         except httpx.TransportError as exc:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
+        finally:
+            response.close()
 
     def close(self) -> None:
+        self._openers.shutdown(wait=False, cancel_futures=True)
+        for response in self._live.take_all():
+            response.close()
         self._http.close()
 
     def __enter__(self) -> LlamaDeployClient:
@@ -190,7 +252,12 @@ class SessionClient:
         return self.create_task(core.task_definition(service_name, run_kwargs))
 
     def create_task(self, task_def: TaskDefinition) -> str:
-        return self.client._send(core.create_task(self.session_id, task_def)).task_id
+        """Start the task (its `agent_id` names the service) and return its id at once. A
+        replica of the service records and runs it, and its answer goes on with the task's
+        stream: `get_task_result_stream` reads it there (the client keeps the answers of the
+        last 16 tasks it started). When no replica takes it within a second (all are busy),
+        the control plane records it instead, and runs it once a replica is free."""
+        return self.client._start(self.session_id, task_def)
 
     def get_tasks(self) -> list[TaskResult]:
         """Every task of the session, fetched a page at a time."""
@@ -246,6 +313,7 @@ class AsyncLlamaDeployClient:
         self._http = httpx.AsyncClient(
             base_url=config.url, transport=PooledTransport(), headers=config.auth_headers()
         )
+        self._live: core.LiveStreams[httpx.Response] = core.LiveStreams()
 
     async def _send(self, call: Call[core.T], deadline: float | None = None) -> core.T:
         """Send `call`, again under the retry policy while that may help, until `deadline`
@@ -265,10 +333,59 @@ class AsyncLlamaDeployClient:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
 
+    async def _open(self, call: Call[Any], deadline: float) -> httpx.Response:
+        """Send `call` and return its response once its headers arrived, its body unread (the
+        caller closes it); an error answer is raised."""
+        kwargs = core.request_kwargs(call, deadline, self.timeout)
+        request = self._http.build_request(call.method, call.path, **kwargs)
+        try:
+            response = await self._http.send(request, stream=True)
+            if not response.is_success:
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except httpx.TransportError as exc:
+            raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
+        if not response.is_success:
+            core.read_response(call, response)
+        return response
+
+    async def _start(self, session_id: str, task: TaskDefinition) -> str:
+        call = core.start_task(session_id, task)
+        deadline = core.deadline_after(self.timeout)
+        opening = call_retrying(
+            functools.partial(self._open, call, deadline),
+            functools.partial(core.is_retryable, call),
+            budget_s=deadline - time.monotonic(),
+        )
+        try:
+            response = await asyncio.wait_for(opening, core.LIVE_START_S)
+        except (asyncio.TimeoutError, ServiceNotFoundError):
+            # every replica is busy (the orchestrator queues it), or the service has no route
+            # yet (just deployed: the registry has the say)
+            await self._send(core.create_task(session_id, task), deadline)
+            return task.task_id
+        for let_go in self._live.keep(task.task_id, response):
+            await let_go.aclose()
+        return task.task_id
+
     async def _events(
         self, session_id: str, task_id: str, after: int
     ) -> AsyncIterator[dict[str, Any]]:
         cursor = core.StreamCursor(session_id, task_id, after, self.timeout)
+        live = self._live.take(task_id)
+        if live is not None:
+            try:
+                async for line in live.aiter_lines():
+                    if (event := cursor.live_event(line)) is not None:
+                        yield event
+            except httpx.TransportError:
+                pass  # cut: read on from the control plane
+            finally:
+                await live.aclose()
+            if cursor.ended:
+                return
         while True:
             try:
                 async for event in self._stream(cursor.call()):
@@ -279,20 +396,20 @@ class AsyncLlamaDeployClient:
                 await asyncio.sleep(cursor.wait_before_reconnecting_s(exc))
 
     async def _stream(self, call: Call[dict[str, Any] | None]) -> AsyncIterator[dict[str, Any]]:
-        kwargs = core.request_kwargs(call, core.deadline_after(self.timeout), self.timeout)
+        response = await self._open(call, core.deadline_after(self.timeout))
         try:
-            async with self._http.stream(call.method, call.path, **kwargs) as response:
-                if not response.is_success:
-                    await response.aread()
-                    core.read_response(call, response)
-                async for line in response.aiter_lines():
-                    item = call.parse(line)
-                    if item is not None:
-                        yield item
+            async for line in response.aiter_lines():
+                item = call.parse(line)
+                if item is not None:
+                    yield item
         except httpx.TransportError as exc:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
+        finally:
+            await response.aclose()
 
     async def aclose(self) -> None:
+        for response in self._live.take_all():
+            await response.aclose()
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncLlamaDeployClient:
@@ -371,7 +488,12 @@ class AsyncSessionClient:
         return await self.create_task(core.task_definition(service_name, run_kwargs))
 
     async def create_task(self, task_def: TaskDefinition) -> str:
-        return (await self.client._send(core.create_task(self.session_id, task_def))).task_id
+        """Start the task (its `agent_id` names the service) and return its id at once. A
+        replica of the service records and runs it, and its answer goes on with the task's
+        stream: `get_task_result_stream` reads it there (the client keeps the answers of the
+        last 16 tasks it started). When no replica takes it within a second (all are busy),
+        the control plane records it instead, and runs it once a replica is free."""
+        return await self.client._start(self.session_id, task_def)
 
     async def get_tasks(self) -> list[TaskResult]:
         """Every task of the session, fetched a page at a time."""

@@ -7,7 +7,9 @@ here."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -16,7 +18,7 @@ import httpx
 from pydantic import TypeAdapter
 from workflows.events import Event
 
-from .._shared.config import MAX_WAIT_S, PAGE_SIZE, workflow_route
+from .._shared.config import MAX_WAIT_S, PAGE_SIZE, STREAM_KEEPALIVE_S, workflow_route
 from .._shared.errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
@@ -29,7 +31,7 @@ from .._shared.errors import (
     TaskTimeoutError,
     error_from_json,
 )
-from .._shared.events import SEQ_KEY, TYPE_KEY, event_to_dict
+from .._shared.events import SEQ_KEY, STREAM_END_TYPE, TYPE_KEY, event_to_dict
 from .._shared.retry import full_jitter_s
 from .._shared.types import (
     ServiceDefinition,
@@ -158,7 +160,31 @@ def run_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
     )
 
 
+# How long `start_task` waits for a replica to take it (a replica that answers takes a few
+# milliseconds) before the clients have the control plane record the task (`create_task`): when
+# every replica's slots are taken, a start waits in Serve's queue, and `run_nowait` returns at once.
+LIVE_START_S = 1.0
+
+
+def start_task(session_id: str, task: TaskDefinition) -> Call[dict[str, Any] | None]:
+    """Straight to the service's replicas, which answer once the task is recorded; the
+    response goes on with the task's stream, NDJSON lines (see `_live_stream`)."""
+    service_name = task.agent_id
+    if not service_name:
+        raise InvalidRequestError("the task names no service: set agent_id")
+    return Call(
+        "POST",
+        f"{workflow_route(service_name)}/sessions/{session_id}/run-nowait",
+        _event_line,
+        body=task.model_dump(),
+        hold_s=STREAM_KEEPALIVE_S,
+        not_routed=ServiceNotFoundError(service_name),
+    )
+
+
 def create_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
+    """Through the control plane's API: the orchestrator records the task and runs it once a
+    replica has a free slot."""
     return Call("POST", f"/sessions/{session_id}/tasks", _result, body=task.model_dump())
 
 
@@ -194,14 +220,47 @@ def wait_for_final(session_id: str, task_id: str, deadline: float) -> Call[TaskR
 
 
 def stream_events(session_id: str, task_id: str, after: int) -> Call[dict[str, Any] | None]:
-    # the server sends a keep-alive line at least every 15 s; allow for it on each read
+    # the server sends a keep-alive line at least this often; allow for it on each read
     return Call(
         "GET",
         f"/sessions/{session_id}/tasks/{task_id}/events",
         _event_line,
         params={"after": after},
-        hold_s=15.0,
+        hold_s=STREAM_KEEPALIVE_S,
     )
+
+
+R = TypeVar("R")
+
+
+class LiveStreams(Generic[R]):
+    """The responses of the tasks a client started (`start_task`), kept open for a read of the
+    task's stream: the most recent `limit`, so that starting many tasks and streaming none
+    holds few connections (a task whose response was let go streams from the control plane)."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self._limit = limit
+        self._responses: OrderedDict[str, R] = OrderedDict()
+        self._lock = threading.Lock()  # the sync client may be shared by threads
+
+    def keep(self, task_id: str, response: R) -> list[R]:
+        """Keep `response`; returns those let go to make room, to be closed."""
+        with self._lock:
+            self._responses[task_id] = response
+            let_go = []
+            while len(self._responses) > self._limit:
+                let_go.append(self._responses.popitem(last=False)[1])
+            return let_go
+
+    def take(self, task_id: str) -> R | None:
+        with self._lock:
+            return self._responses.pop(task_id, None)
+
+    def take_all(self) -> list[R]:
+        with self._lock:
+            responses = list(self._responses.values())
+            self._responses.clear()
+            return responses
 
 
 class StreamCursor:
@@ -211,6 +270,7 @@ class StreamCursor:
 
     def __init__(self, session_id: str, task_id: str, after: int, timeout_s: float) -> None:
         self.session_id, self.task_id, self.after = session_id, task_id, after
+        self.ended = False  # the log closed and every event was read
         self._timeout_s = timeout_s
         self._failures = 0
         self._failing_since = 0.0
@@ -221,6 +281,20 @@ class StreamCursor:
     def seen(self, event: dict[str, Any]) -> None:
         self.after = event.get(SEQ_KEY, self.after)
         self._failures = 0
+
+    def live_event(self, line: str) -> dict[str, Any] | None:
+        """A line of a live stream (see `start_task`): the event it holds when it is past
+        `after` (and noted as seen), else None; its end line sets `ended`."""
+        event = _event_line(line)
+        if event is None:
+            return None
+        if event.get(TYPE_KEY) == STREAM_END_TYPE:
+            self.ended = True
+            return None
+        if event[SEQ_KEY] <= self.after:  # seen before this read began
+            return None
+        self.seen(event)
+        return event
 
     def wait_before_reconnecting_s(self, exc: BaseException) -> float:
         """How long to wait before reading on from `after`; raises `exc` when it should not."""

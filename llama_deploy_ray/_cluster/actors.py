@@ -36,7 +36,7 @@ from .._shared.config import (
     ORCHESTRATOR_ACTOR_NAME,
     control_plane_actor_name,
 )
-from .._shared.errors import ControlPlaneUnavailableError, ServiceNotFoundError
+from .._shared.errors import ControlPlaneUnavailableError, LlamaDeployError, ServiceNotFoundError
 from .._shared.events import EventBatch
 from .._shared.retry import call_actor
 from .._shared.types import (
@@ -48,6 +48,7 @@ from .._shared.types import (
     TaskOutcome,
     TaskResult,
 )
+from .outbox import Batcher
 
 # Ray's resource that only the head node has: the core's actors live there, as Serve's
 # controller does, so the control plane's SQLite file is always on the same machine.
@@ -109,6 +110,10 @@ class ControlPlaneShard(_Handle):
 
     def __init__(self, actor: ActorHandle, shard: int = 0) -> None:
         super().__init__(actor, f"control plane (shard {shard})")
+        self._begins: Batcher[
+            tuple[TaskDefinition, str, bool, bool, bool],
+            StartedTask | TaskResult | LlamaDeployError | None,
+        ] = Batcher(self._begin_tasks)
 
     # the cluster
 
@@ -184,22 +189,36 @@ class ControlPlaneShard(_Handle):
 
     # tasks
 
-    async def create_task(
-        self, task: TaskDefinition, owner: str, exclusive: bool = False
-    ) -> TaskResult:
-        return await self._call(
-            functools.partial(self._actor.create_task.remote, task, owner, exclusive)
-        )
-
     async def begin_task(
-        self, task: TaskDefinition, owner: str, exclusive: bool = False
-    ) -> StartedTask | None:
+        self,
+        task: TaskDefinition,
+        owner: str,
+        exclusive: bool = False,
+        queue: bool = True,
+        resent: bool = False,
+    ) -> StartedTask | TaskResult | None:
+        """The control plane's `begin_tasks` for one task: begins asked while a call is on its
+        way go together in the next call (under load, one call begins many tasks). `resent`:
+        an earlier begin of it got no answer."""
+        answer = await self._begins.ask((task, owner, exclusive, queue, resent))
+        if isinstance(answer, LlamaDeployError):
+            raise answer
+        return answer
+
+    async def _begin_tasks(
+        self, begins: list[tuple[TaskDefinition, str, bool, bool, bool]]
+    ) -> list[StartedTask | TaskResult | LlamaDeployError | None]:
         sent = 0
 
         def begin() -> Any:
             nonlocal sent
-            sent += 1  # a call sent again says so: the task it may have begun is its own
-            return self._actor.begin_task.remote(task, owner, sent > 1, exclusive)
+            sent += 1  # a call sent again says so: the tasks it may have begun are its own
+            return self._actor.begin_tasks.remote(
+                [
+                    (task, owner, resent or sent > 1, exclusive, queue)
+                    for task, owner, exclusive, queue, resent in begins
+                ]
+            )
 
         return await self._call(begin)
 
@@ -425,7 +444,8 @@ class OrchestratorHandle(_Handle):
         return await self._call(functools.partial(self._actor.run.remote, task), again=False)
 
     async def submit(self, task: TaskDefinition) -> TaskResult:
-        return await self._call(functools.partial(self._actor.submit.remote, task), again=False)
+        # sent again while the orchestrator restarts: a task id is created once
+        return await self._call(functools.partial(self._actor.submit.remote, task))
 
     async def send_event(
         self, session_id: str, task_id: str, service_name: str, event: dict[str, Any]

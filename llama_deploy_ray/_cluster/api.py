@@ -24,6 +24,7 @@ from .._shared.config import (
     ID_PATTERN,
     MAX_WAIT_S,
     PAGE_SIZE,
+    STREAM_KEEPALIVE_S,
 )
 from .._shared.errors import (
     LlamaDeployError,
@@ -49,8 +50,6 @@ from .handler_routes import error_response as handler_error_response
 API_APP_NAME = "llama_deploy_control_plane"
 # Far past any listing's end, and within what Python's slicing takes.
 MAX_OFFSET = 10**12
-# A stream with nothing new sends a keep-alive this often, so idle streams outlive timeouts.
-KEEPALIVE_S = 15.0
 
 
 class SendEventRequest(BaseModel):
@@ -257,7 +256,7 @@ class ControlPlaneAPI:
                 yield ": keep-alive\n\n" if sse else "\n"
             # an open stream outlives a restart of the control plane (the handle sends again)
             batch = await self._control_plane.for_session(session_id).read_events(
-                session_id, task_id, after, KEEPALIVE_S
+                session_id, task_id, after, STREAM_KEEPALIVE_S
             )
 
     @app.post("/sessions/{session_id}/tasks/{task_id}/events")

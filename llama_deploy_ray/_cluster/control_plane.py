@@ -50,6 +50,7 @@ from .._shared.config import DRIVER_SILENCE_S, METRICS_REPORT_S, RETENTION_SWEEP
 from .._shared.errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
+    LlamaDeployError,
     ServiceConflictError,
     ServiceNotFoundError,
     SessionNotFoundError,
@@ -388,24 +389,39 @@ class ControlPlane:
         await self._persist(("task", task_id))
         return started
 
-    async def begin_task(
-        self, task: TaskDefinition, owner: str, resent: bool = False, exclusive: bool = False
-    ) -> StartedTask | None:
-        """`create_task` then `start_task`, in one call (and one commit, when the task's turn
-        has come); None for a task that already existed (a client's retry: the first
-        request's driver runs it). `resent` says the driver sends this call again because it
-        got no answer (the control plane restarted): the task it may have begun is its own.
-        `exclusive` as in `create_task`."""
+    async def begin_tasks(
+        self, begins: list[tuple[TaskDefinition, str, bool, bool, bool]]
+    ) -> list[StartedTask | TaskResult | LlamaDeployError | None]:
+        """For each `(task, owner, resent, exclusive, queue)`: `create_task`, and `start_task`
+        when the task's turn has come, all in one call and one commit. Each answer is the task
+        started (`StartedTask`); its pending result when it waits for its turn (its driver
+        starts it with `start_task`); None for a task that already existed (a client's retry:
+        the first request's driver runs it), or that would wait for its turn when `queue` is
+        false (then it is not recorded); or the error that refused it. `resent` says the driver
+        sends this call again because it got no answer (the control plane restarted): the task
+        it may have begun is its own. `exclusive` as in `create_task`."""
+        answers: list[StartedTask | TaskResult | LlamaDeployError | None] = []
+        for task, owner, resent, exclusive, queue in begins:
+            try:
+                answers.append(self._begin(task, owner, resent, exclusive, queue))
+            except LlamaDeployError as exc:
+                answers.append(exc)
+        await self._persist(*(("task", task.task_id) for task, *_ in begins))
+        return answers
+
+    def _begin(
+        self, task: TaskDefinition, owner: str, resent: bool, exclusive: bool, queue: bool
+    ) -> StartedTask | TaskResult | None:
         existing = self._tasks.get(task.task_id)
+        line = self._lines.get((task.session_id or "", task.agent_id or ""))
+        if existing is None and not queue and line:
+            return None  # another task of its session is ahead of it on the service
         record = self._create_task(task, owner, exclusive)  # refuses another task, same id
         if existing is not None and not (resent and existing.owner == owner):
             return None
         if not record.turn.is_set():
-            await self._persist(("task", task.task_id))
-            await record.turn.wait()
-        started = self._start(record, owner)
-        await self._persist(("task", task.task_id))
-        return started
+            return record.result
+        return self._start(record, owner)
 
     def _start(self, record: _Task, owner: str) -> StartedTask | None:
         if record.result.status.is_final or record.owner != owner:

@@ -8,6 +8,14 @@ the outcome; a task that waits for input is parked on the control plane. There a
 - `LocalDriver` (each workflow replica) runs the task in its own process: a `run` that reaches a
   replica over HTTP costs one Serve hop, not two.
 
+A task's result goes back to its caller once its outcome is sent to the control plane, not
+after the control plane acknowledged it (one round trip fewer per run), and outcomes that are
+ready while an earlier one is on its way go in one call. Nothing is lost or reordered: the
+session's next task on the service waits in its line until the outcome is recorded, and with it
+the new state; outcomes not yet acknowledged are sent again if the control plane restarts, and
+before a replica stops; a driver that dies with outcomes unsent is silent, and its tasks are
+adopted.
+
 Each driver keeps one call open on each control-plane shard (`watch_driver`). It returns the
 driver's running tasks that a client cancelled, so the driver can stop them; the orchestrator's also
 returns the tasks of drivers that went silent (a replica that died mid-run, an earlier
@@ -31,7 +39,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .._shared.config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
-from .._shared.retry import actor_unreachable, call_retrying
+from .._shared.errors import ControlPlaneUnavailableError
+from .._shared.retry import actor_unreachable, call_retrying, full_jitter_s
 from .._shared.types import (
     QueueMessage,
     StartedTask,
@@ -66,6 +75,13 @@ class TaskDriver:
         self._background: set[asyncio.Task[Any]] = set()
         self._watchers: list[asyncio.Task[None]] = []
         self._stopped = threading.Event()
+        # one finish_tasks call in flight; outcomes ready meanwhile go together in the next:
+        # under load, one control-plane call records many tasks
+        self._outcomes: Outbox[tuple[ControlPlaneShard, str, TaskOutcome]] = Outbox(
+            self._send_outcomes, self.in_background
+        )
+        # tasks whose outcome was sent and not yet answered, each with its answer to come
+        self._recording: dict[str, asyncio.Future[None]] = {}
 
     def start(self) -> None:
         """Open the watch on each control-plane shard (needs a running event loop) and start
@@ -87,13 +103,35 @@ class TaskDriver:
         self.start()
         return await asyncio.shield(self.in_background(self._run(task, exclusive)))
 
-    async def submit(self, task: TaskDefinition, exclusive: bool = False) -> TaskResult:
-        """Record `task`, drive it in the background and return its pending result."""
+    async def submit(
+        self, task: TaskDefinition, exclusive: bool = False
+    ) -> tuple[TaskResult, asyncio.Task[TaskResult | None]]:
+        """Record `task` and drive it in the background: its pending result, and the driving,
+        which returns the final result once it is recorded here, or None when the task's run
+        stopped here first (parked for input, cancelled before it started, driven elsewhere)."""
+        pending, driving = await self._submit(task, exclusive, queue=True)
+        if pending is None:  # it existed: the first request's driver runs it
+            shard = self._control_plane.for_session(task.session_id)
+            pending = await shard.get_task(task.session_id, task.task_id)
+        return pending, driving
+
+    async def submit_if_first(
+        self, task: TaskDefinition
+    ) -> tuple[TaskResult, asyncio.Task[TaskResult | None]] | None:
+        """`submit`, for a task that no other task of its session is ahead of on its service;
+        None, with nothing recorded, for one that would wait for its turn (or that existed):
+        a driver that waits holding nothing (the orchestrator) takes those."""
+        pending, driving = await self._submit(task, exclusive=False, queue=False)
+        return None if pending is None else (pending, driving)
+
+    async def _submit(
+        self, task: TaskDefinition, exclusive: bool, queue: bool
+    ) -> tuple[TaskResult | None, asyncio.Task[TaskResult | None]]:
         self.start()
         shard = self._control_plane.for_session(task.session_id)
-        pending = await shard.create_task(task, self.driver_id, exclusive)
-        self.in_background(self._start_and_drive(shard, task.task_id))
-        return pending
+        begun: asyncio.Future[TaskResult | None] = asyncio.get_running_loop().create_future()
+        driving = self.in_background(self._begin_and_drive(shard, task, exclusive, queue, begun))
+        return await begun, driving
 
     def resume(self, started: StartedTask) -> None:
         """Drive, in the background, a task that waited for input and was given an event."""
@@ -120,16 +158,88 @@ class TaskDriver:
     async def _run(self, task: TaskDefinition, exclusive: bool) -> TaskResult:
         shard = self._control_plane.for_session(task.session_id)
         with self._driving(task.task_id):
-            started = await shard.begin_task(task, self.driver_id, exclusive)
+            begun = await self._begin(shard, task, exclusive, queue=True)
+            started = await self._started(shard, task.task_id, begun)
             result = await self._drive(shard, started, task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run
             return await shard.get_task(task.session_id, task.task_id)
         return result
 
-    async def _start_and_drive(self, shard: ControlPlaneShard, task_id: str) -> None:
+    async def _begin_and_drive(
+        self,
+        shard: ControlPlaneShard,
+        task: TaskDefinition,
+        exclusive: bool,
+        queue: bool,
+        begun: asyncio.Future[TaskResult | None],
+    ) -> TaskResult | None:
+        """Record the task and start it when its turn has come (one call), else once it
+        comes; `begun` gets its pending or running result as soon as it is recorded (None: it
+        existed, or waits for its turn and `queue` is false)."""
+        with self._driving(task.task_id):
+            try:
+                answer = await self._begin(shard, task, exclusive, queue)
+            except Exception as exc:
+                if not begun.cancelled():
+                    begun.set_exception(exc)
+                return None
+            # its asker may have gone (a client that gave up waiting): the driving goes on
+            if not begun.cancelled():
+                begun.set_result(answer.running if isinstance(answer, StartedTask) else answer)
+            started = await self._started(shard, task.task_id, answer)
+            result = await self._drive(shard, started, task.task_id)
+        # done once the outcome is recorded: a client told the task ended (its stream, say)
+        # then finds it final, and its session's next task first in line
+        recording = self._recording.get(task.task_id)
+        if recording is not None:
+            await asyncio.shield(recording)
+        return result
+
+    async def _begin(
+        self, shard: ControlPlaneShard, task: TaskDefinition, exclusive: bool, queue: bool
+    ) -> StartedTask | TaskResult | None:
+        """`begin_task`; when the control plane stayed unreachable, the call may still have
+        landed before it went, leaving the task this driver's and driven by nobody (the
+        client's retry finds it, another driver's): then, in the background, this driver asks
+        again until answered, and drives what it owns."""
+        try:
+            return await shard.begin_task(task, self.driver_id, exclusive, queue)
+        except ControlPlaneUnavailableError:
+            self.in_background(self._begin_again(shard, task, exclusive, queue))
+            raise
+
+    async def _begin_again(
+        self, shard: ControlPlaneShard, task: TaskDefinition, exclusive: bool, queue: bool
+    ) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            await asyncio.sleep(full_jitter_s(attempt))
+            try:
+                answer = await shard.begin_task(task, self.driver_id, exclusive, queue, True)
+                break
+            except ControlPlaneUnavailableError:
+                continue
+            except Exception:  # refused (a task of that id is another's): nothing to drive
+                return
+        if answer is None:
+            return
+        with self._driving(task.task_id):
+            started = await self._started(shard, task.task_id, answer)
+            await self._drive(shard, started, task.task_id)
+
+    async def _started(
+        self, shard: ControlPlaneShard, task_id: str, begun: StartedTask | TaskResult | None
+    ) -> StartedTask | None:
+        """What `begin_task` answered, once the task has started (None: not here)."""
+        if isinstance(begun, TaskResult):  # in its session's line: start it when its turn comes
+            return await shard.start_task(task_id, self.driver_id)
+        return begun
+
+    async def _start_and_drive(self, shard: ControlPlaneShard, task_id: str) -> TaskResult | None:
         with self._driving(task_id):
             started = await shard.start_task(task_id, self.driver_id)
-            await self._drive(shard, started, task_id)
+            return await self._drive(shard, started, task_id)
 
     async def _resume(self, started: StartedTask) -> None:
         shard = self._control_plane.for_session(started.task.session_id)
@@ -160,8 +270,49 @@ class TaskDriver:
     async def _finish(
         self, shard: ControlPlaneShard, started: StartedTask, outcome: TaskOutcome
     ) -> TaskResult:
-        """Record the task's final outcome and return its result."""
-        return await shard.finish_task(started.task.task_id, outcome)
+        """Send the task's final outcome to the control plane and return its result."""
+        if outcome is _CANCELLED:  # the control plane's record says how it ended
+            return await shard.finish_task(started.task.task_id, outcome)
+        # sent now, before the answer leaves this driver (else with the outcomes that follow
+        # it, once the call on its way is acknowledged)
+        self._recording[started.task.task_id] = asyncio.get_running_loop().create_future()
+        self._outcomes.put((shard, started.task.task_id, outcome))
+        return started.running.model_copy(
+            update={**outcome.final_fields(), "finished_at": time.time()}
+        )
+
+    def _send_outcomes(
+        self, batch: list[tuple[ControlPlaneShard, str, TaskOutcome]]
+    ) -> Awaitable[Any]:
+        by_shard: dict[ControlPlaneShard, dict[str, TaskOutcome]] = {}
+        for shard, task_id, outcome in batch:
+            by_shard.setdefault(shard, {})[task_id] = outcome
+        return asyncio.gather(
+            *(self._record(shard, o, shard.finish_tasks_ref(o)) for shard, o in by_shard.items())
+        )
+
+    async def _record(
+        self, shard: ControlPlaneShard, batch: dict[str, TaskOutcome], sent: ray.ObjectRef
+    ) -> None:
+        first: ray.ObjectRef | None = sent
+
+        async def record() -> list[str]:
+            nonlocal first
+            call, first = first or shard.finish_tasks_ref(batch), None
+            return await call  # unreachable (it restarts): the policy sends it again
+
+        try:
+            problems = await call_retrying(record, actor_unreachable, budget_s=RECORD_BUDGET_S)
+        except Exception as exc:  # refused, or unreachable for the whole budget
+            logger.error("the control plane did not record %d outcomes: %s", len(batch), exc)
+            return
+        finally:
+            for task_id in batch:
+                recording = self._recording.pop(task_id, None)
+                if recording is not None:
+                    recording.set_result(None)
+        for problem in problems:  # tasks a restarted control plane forgot
+            logger.error("the control plane did not record an outcome: %s", problem)
 
     @contextlib.contextmanager
     def _driving(self, task_id: str) -> Iterator[None]:
@@ -259,14 +410,7 @@ class PublishingDriver(TaskDriver):
 
 class LocalDriver(TaskDriver):
     """Runs each task in this process with `run_here`; if the process dies, the orchestrator
-    adopts the task once this driver is silent.
-
-    A task's result goes back to its caller once its outcome is sent to the control plane, not
-    after the control plane acknowledged it (one round trip fewer per run), and outcomes that
-    are ready while an earlier one is on its way go in one call. Nothing is lost or reordered:
-    the session's next task on the service waits in its line until the outcome is recorded,
-    and with it the new state; outcomes not yet acknowledged are sent again if the control
-    plane restarts, and before this replica stops."""
+    adopts the task once this driver is silent."""
 
     def __init__(
         self,
@@ -275,11 +419,6 @@ class LocalDriver(TaskDriver):
     ) -> None:
         super().__init__(control_plane, adopts_orphans=False)
         self._run_here = run_here
-        # one finish_tasks call in flight; outcomes ready meanwhile go together in the next:
-        # under load, one control-plane call records many tasks
-        self._outcomes: Outbox[tuple[ControlPlaneShard, str, TaskOutcome]] = Outbox(
-            self._send_outcomes, self.in_background
-        )
 
     async def _deliver(self, started: StartedTask) -> TaskOutcome:
         task_id = started.task.task_id
@@ -293,43 +432,3 @@ class LocalDriver(TaskDriver):
             raise
         finally:
             self._in_flight[task_id] = None
-
-    async def _finish(
-        self, shard: ControlPlaneShard, started: StartedTask, outcome: TaskOutcome
-    ) -> TaskResult:
-        if outcome is _CANCELLED:  # the control plane's record says how it ended
-            return await super()._finish(shard, started, outcome)
-        # sent now, before the answer leaves this replica (else with the outcomes that follow
-        # it, once the call on its way is acknowledged)
-        self._outcomes.put((shard, started.task.task_id, outcome))
-        return started.running.model_copy(
-            update={**outcome.final_fields(), "finished_at": time.time()}
-        )
-
-    def _send_outcomes(
-        self, batch: list[tuple[ControlPlaneShard, str, TaskOutcome]]
-    ) -> Awaitable[Any]:
-        by_shard: dict[ControlPlaneShard, dict[str, TaskOutcome]] = {}
-        for shard, task_id, outcome in batch:
-            by_shard.setdefault(shard, {})[task_id] = outcome
-        return asyncio.gather(
-            *(self._record(shard, o, shard.finish_tasks_ref(o)) for shard, o in by_shard.items())
-        )
-
-    async def _record(
-        self, shard: ControlPlaneShard, batch: dict[str, TaskOutcome], sent: ray.ObjectRef
-    ) -> None:
-        first: ray.ObjectRef | None = sent
-
-        async def record() -> list[str]:
-            nonlocal first
-            call, first = first or shard.finish_tasks_ref(batch), None
-            return await call  # unreachable (it restarts): the policy sends it again
-
-        try:
-            problems = await call_retrying(record, actor_unreachable, budget_s=RECORD_BUDGET_S)
-        except Exception as exc:  # refused, or unreachable for the whole budget
-            logger.error("the control plane did not record %d outcomes: %s", len(batch), exc)
-            return
-        for problem in problems:  # tasks a restarted control plane forgot
-            logger.error("the control plane did not record an outcome: %s", problem)

@@ -66,7 +66,7 @@ class HandlerRoutes:
                 if wait:
                     result = await self._driver.run(task, exclusive=True)
                 else:
-                    result = await self._driver.submit(task, exclusive=True)
+                    result, _ = await self._driver.submit(task, exclusive=True)
             except TaskStateError:
                 raise TaskStateError(f"Handler '{handler_id}' is already running") from None
             shard = self._control_plane.for_session(task.session_id or "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,8 @@ class ParentRun:
     task: TaskDefinition
     control_plane: ControlPlaneHandle
     orchestrator: OrchestratorHandle
+    # awaited before a child task is asked for: what the run streamed so far is logged first
+    before_child: Callable[[], Awaitable[None]]
 
 
 # Set around `workflow.run` in a replica, so that the run's steps inherit it.
@@ -103,6 +106,7 @@ class NestedWorkflow:
         child = task_definition(self.service_name, kwargs).model_copy(
             update={"session_id": parent.task.session_id, "parent_task_id": parent.task.task_id}
         )
+        await parent.before_child()
         try:
             # the control plane refuses an unknown service before recording anything, so
             # asking for the child task is also how we learn whether the service exists

@@ -40,7 +40,8 @@ class SimpleOrchestrator:
 
     async def submit(self, task: TaskDefinition) -> TaskResult:
         """Record `task`, drive it in the background and return its pending result."""
-        return await self._driver.submit(task)
+        pending, _ = await self._driver.submit(task)
+        return pending
 
     async def send_event(
         self, session_id: str, task_id: str, service_name: str, event: dict[str, Any]

@@ -1,12 +1,18 @@
-"""One call in flight, the rest coalesced: how a replica sends what it produces quickly (a
-run's streamed events, the outcomes of the runs it finishes) to the control plane.
+"""One call in flight, the rest coalesced: how a driver sends what it produces quickly (a
+run's streamed events, the outcomes of the runs it finishes, the tasks it begins) to the
+control plane.
 
 Items put while a call is on its way go together in the next call, so under load one call
-carries many items, and items leave in the order they were put.
+carries many items, and items leave in the order they were put. An `Outbox` sends without
+waiting for answers; a `Batcher` gives each asker the answer to its own item.
 
     outbox = Outbox(lambda batch: shard.append_events(task_id, batch))
     outbox.put(event)          # sent at once when no call is on its way
+    await outbox.flush()       # what was put so far has landed
     left = await outbox.close()  # the call on its way lands; what was not sent is returned
+
+    batcher = Batcher(send_begins)  # async def send_begins(batch) -> list of answers
+    answer = await batcher.ask(item)  # the answer to this item, from the call that carried it
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Outbox(Generic[T]):
@@ -38,6 +45,11 @@ class Outbox(Generic[T]):
         if not self._closed and (self._sending is None or self._sending.done()):
             self._sending = self._spawn(self._drain(self._send(self._take())))
 
+    async def flush(self) -> None:
+        """Wait until what was put so far is sent and its call answered."""
+        while self._sending is not None and not self._sending.done():
+            await asyncio.shield(self._sending)
+
     async def close(self) -> list[T]:
         """Send nothing more; wait for the call on its way and return what was left."""
         self._closed = True
@@ -53,3 +65,32 @@ class Outbox(Generic[T]):
         await first
         while self._items and not self._closed:
             await self._send(self._take())
+
+
+class Batcher(Generic[T, R]):
+    def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+        """`send(batch)` answers each item of the batch, in order."""
+        self._send = send
+        self._asked: list[tuple[T, asyncio.Future[R]]] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    async def ask(self, item: T) -> R:
+        answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._asked.append((item, answer))
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.ensure_future(self._drain())
+        return await answer
+
+    async def _drain(self) -> None:
+        while self._asked:
+            asked, self._asked = self._asked, []
+            try:
+                answers = await self._send([item for item, _ in asked])
+            except Exception as exc:  # the call failed: so did each of its items
+                for _, answer in asked:
+                    if not answer.done():
+                        answer.set_exception(exc)
+                continue
+            for (_, answer), value in zip(asked, answers, strict=True):
+                if not answer.done():  # its asker may have gone
+                    answer.set_result(value)

@@ -54,6 +54,20 @@ class RunEngine:
         self.accepted = accepted  # the event classes clients may send into a run, by name
         self.serializer = serializer
         self.input_hold_s = input_hold_s
+        # tasks whose stream a client reads from this replica (see `_live_stream`)
+        self._watchers: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
+
+    def watch_stream(self, task_id: str) -> asyncio.Queue[dict[str, Any] | None]:
+        """The events the task's runs here write to its stream, as they write them, until
+        `stop_watching`; None once the stream is no longer theirs alone (a nested task's events
+        join it, or the watch stopped)."""
+        self._watchers[task_id] = asyncio.Queue()
+        return self._watchers[task_id]
+
+    def stop_watching(self, task_id: str) -> None:
+        watcher = self._watchers.pop(task_id, None)
+        if watcher is not None:
+            watcher.put_nowait(None)
 
     async def run(self, started: StartedTask) -> TaskOutcome:
         """Run (or resume) the task from the state it starts from; its outcome."""
@@ -68,7 +82,18 @@ class RunEngine:
             # A new task is a new run on the session's state: its timeout starts from zero,
             # not from the alive time the session's earlier runs spent.
             state = with_fresh_run_clock(state)
-        token = PARENT_RUN.set(ParentRun(task, self.control_plane, self.orchestrator))
+        shard = self.control_plane.for_session(task.session_id)
+        events: Outbox[dict[str, Any]] = Outbox(
+            lambda batch: shard.append_events(task.task_id, batch)
+        )
+
+        async def before_child() -> None:
+            # the child's events join the stream after this run's so far
+            await events.flush()
+            self.stop_watching(task.task_id)
+
+        parent = ParentRun(task, self.control_plane, self.orchestrator, before_child)
+        token = PARENT_RUN.set(parent)
         try:
             if state:
                 ctx = Context.from_dict(self.workflow, state, serializer=self.serializer)
@@ -80,8 +105,7 @@ class RunEngine:
             )
         finally:
             PARENT_RUN.reset(token)
-        shard = self.control_plane.for_session(task.session_id)
-        run = _TaskRun(self, shard, task.task_id, handler, started.inbox_seq)
+        run = _TaskRun(self, shard, task.task_id, handler, started.inbox_seq, events)
         return await run.outcome(listen=resume, had_state=state is not None)
 
 
@@ -95,6 +119,7 @@ class _TaskRun:
         task_id: str,
         handler: WorkflowHandler,
         inbox_seq: int,
+        events: Outbox[dict[str, Any]],
     ) -> None:
         self._engine = engine
         self._shard = shard  # the one that holds the task's session
@@ -104,9 +129,7 @@ class _TaskRun:
         self._awaiting_input = 0
         self._listener: asyncio.Task[None] | None = None
         self._snapshot: dict[str, Any] | None = None
-        self._events: Outbox[dict[str, Any]] = Outbox(
-            lambda batch: shard.append_events(task_id, batch)
-        )
+        self._events = events
 
     async def outcome(self, *, listen: bool, had_state: bool) -> TaskOutcome:
         if listen:
@@ -162,7 +185,11 @@ class _TaskRun:
         async for event in self._handler.stream_events():
             if isinstance(event, StopEvent):
                 continue
-            self._events.put(event_to_dict(event))
+            data = event_to_dict(event)
+            self._events.put(data)
+            watcher = self._engine._watchers.get(self._task_id)
+            if watcher is not None:
+                watcher.put_nowait(data)
             if isinstance(event, InputRequiredEvent):
                 self._awaiting_input += 1
                 self._start_listener()

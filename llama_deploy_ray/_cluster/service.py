@@ -7,7 +7,8 @@ only the tasks it was running (the orchestrator sends those again, or adopts the
 
 A replica also takes runs over HTTP at `workflow_route(name)`, from the clients, and drives
 those itself (`LocalDriver`): the control plane's turn and state before the run, the outcome
-recorded after it, one Serve hop in all.
+recorded after it, one Serve hop in all. It takes `run_nowait` the same way, and answers it with
+the task's stream (see `_live_stream`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .._shared.config import ID_PATTERN
 from .._shared.errors import (
@@ -37,6 +38,7 @@ from .driver import LocalDriver
 from .guard import RequestGuard
 from .handler_routes import RUN_ROUTES, WORKFLOW_ROUTES, HandlerRoutes
 from .handler_routes import error_response as handler_error_response
+from .live_stream import live_event_lines
 from .packaging import PackedWorkflow, unpack_service
 from .run_engine import RunEngine
 from .state_serializer import SignedStateSerializer
@@ -82,8 +84,9 @@ class WorkflowService:
 
     async def __call__(self, request: Request) -> Response:
         """`POST .../sessions/{session_id}/run` with a `TaskDefinition`: run the task here and
-        answer with its `TaskResult`, final or `waiting` (parked for input); errors as the
-        control plane's API sends them."""
+        answer with its `TaskResult`, final or `waiting` (parked for input); `.../run-nowait`:
+        start it and answer at once, the response carrying its stream; errors as the control
+        plane's API sends them."""
         preflight = self._guard.preflight(request.method, request.headers)
         if preflight is not None:
             return preflight
@@ -107,26 +110,49 @@ class WorkflowService:
             return await self._handler_routes.run(body, wait=handler_route == "run")
         if handler_route in WORKFLOW_ROUTES and request.method == "GET":
             return self._handler_routes.describe(handler_route)
-        is_run = len(path) >= 3 and path[-3] == "sessions" and path[-1] == "run"
+        is_run = len(path) >= 3 and path[-3] == "sessions" and path[-1] in ("run", "run-nowait")
         session_id = path[-2] if is_run else ""
         if request.method != "POST" or not _ID.match(session_id):
             return respond(
                 NotFoundError(
                     f"no route {request.method} {request.url.path}: a service takes "
-                    f"POST .../sessions/{{session_id}}/run, the id matching {ID_PATTERN}; "
+                    "POST .../sessions/{session_id}/run or .../run-nowait, the id matching "
+                    f"{ID_PATTERN}; "
                     f"POST .../run or .../run-nowait; GET .../schema, .../events or "
                     ".../representation"
                 )
             )
         try:
             body = await self._guard.read_body(request.stream())
-            task = TaskDefinition.model_validate_json(body)
-            result = await self._driver.run(task.sent_to(session_id, self._service_name))
+            task = TaskDefinition.model_validate_json(body).sent_to(session_id, self._service_name)
+            if path[-1] == "run-nowait":
+                return await self._run_nowait(task)
+            result = await self._driver.run(task)
         except ValidationError as exc:
             return _error_response(InvalidRequestError(f"invalid task: {exc}"))
         except (LlamaDeployError, RayActorError) as exc:  # ours, or from the control plane
             return _error_response(exc)
         return Response(result.model_dump_json(), media_type="application/json")
+
+    async def _run_nowait(self, task: TaskDefinition) -> StreamingResponse:
+        """Start the task and answer at once; the response goes on with its stream (see
+        `_live_stream`)."""
+        events = self._engine.watch_stream(task.task_id)  # before it runs: no event is missed
+        try:
+            submitted = await self._driver.submit_if_first(task)
+        except BaseException:
+            self._engine.stop_watching(task.task_id)
+            raise
+        if submitted is None:
+            # another task of its session is ahead of it: waiting here would hold a request
+            # slot (and count as load); the orchestrator waits for its turn holding nothing
+            self._engine.stop_watching(task.task_id)
+            await self._engine.orchestrator.submit(task)
+            return StreamingResponse(iter(["\n"]), media_type="application/x-ndjson")
+        _, driving = submitted
+        driving.add_done_callback(lambda _: self._engine.stop_watching(task.task_id))
+        lines = live_event_lines(events, driving)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
 
     async def __del__(self) -> None:
         # Serve stops a replica gracefully: what it ran is recorded before it goes

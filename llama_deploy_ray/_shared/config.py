@@ -43,6 +43,8 @@ DRAIN_WITHOUT_TIMEOUT_S = 600.0
 ACTOR_MAX_CONCURRENCY = 100_000
 # The longest the API holds one long poll; a client that waits longer asks again.
 MAX_WAIT_S = 300.0
+# A stream with nothing new sends a keep-alive this often, so idle streams outlive timeouts.
+STREAM_KEEPALIVE_S = 15.0
 # How many sessions or tasks one page of a listing holds, at most.
 PAGE_SIZE = 1000
 # How often the control plane forgets what is past its retention, besides when tasks finish.
@@ -69,7 +71,7 @@ MAX_JSON_DEPTH = 64
 
 def workflow_route(service_name: str) -> str:
     """Where a service's replicas take runs over HTTP, beside the control plane's API:
-    `POST {route}/sessions/{session_id}/run` with a `TaskDefinition`."""
+    `POST {route}/sessions/{session_id}/run` (or `/run-nowait`) with a `TaskDefinition`."""
     return f"/workflows/{service_name}"
 
 

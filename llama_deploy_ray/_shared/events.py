@@ -34,6 +34,10 @@ TYPE_KEY = "__type__"
 SEQ_KEY = "__seq__"
 TYPES_KEY = "__types__"
 DROPPED_TYPE = "EventsDropped"
+# The last line of a stream read live from the replica that runs the task (see `_live_stream`):
+# the log closed, nothing follows. A live stream that ends without it goes on at the control
+# plane.
+STREAM_END_TYPE = "StreamEnd"
 
 
 def accepted_events(
