@@ -3,7 +3,8 @@
 - the floor: each workflow in-process (`await wf.run()`), and behind a bare Ray Serve
   deployment called over HTTP and through a `DeploymentHandle`;
 - llama-deploy-ray through its HTTP clients (sync for latency, async for throughput) and
-  through its Python API inside the cluster (the orchestrator actor);
+  through its Python API inside the cluster (the orchestrator actor), and the way a nested
+  workflow calls its child (the child service's handle, `run_if_first`);
 - llama-deploy-ray's second HTTP API, LlamaIndex's workflow server API (`ours_ws_api`), with
   the same plain httpx client as bare Serve;
 - llama_deploy 0.2.4, the seed's own system, installed here into its own virtual environment
@@ -271,6 +272,18 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
 
                     return run
 
+                async def nested_session(name=name) -> Callable[[], Awaitable[Any]]:
+                    session = await control_plane.create_session.remote()
+                    services = serve.get_app_handle(name)
+
+                    def run() -> Any:
+                        task = TaskDefinition(
+                            input=json.dumps(kwargs), agent_id=name, session_id=session.session_id
+                        )
+                        return services.run_if_first.remote(task)
+
+                    return run
+
                 sessions = {
                     "in_process": inproc_session,
                     "serve_http": http_session,
@@ -279,6 +292,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                     "ours_async_client": client_session,
                     "ours_ws_api": ws_api_session,
                     "ours_python_api": api_session,
+                    "ours_nested_call": nested_session,
                 }
                 row = await latencies({s: await make() for s, make in sessions.items()}, n)
                 # the sync client's throughput is the async client's
@@ -513,10 +527,11 @@ def table(results: dict[str, Any]) -> str:
             ratios = [f"p50 x{ours['p50_ms'] / floor['p50_ms']:.2f}"]
             ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in [*columns, CPU] if c in ours]
             lines.append("\nours (async client) / bare Serve over HTTP: " + ", ".join(ratios))
-            api, handle = row["ours_python_api"], row["serve_handle"]
+            handle = row["serve_handle"]["p50_ms"]
+            api, nested = row["ours_python_api"]["p50_ms"], row["ours_nested_call"]["p50_ms"]
             lines.append(
-                f"ours (Python API in the cluster) / bare Serve handle: p50 "
-                f"x{api['p50_ms'] / handle['p50_ms']:.2f}"
+                f"ours in the cluster / bare Serve handle, p50: Python API (the orchestrator) "
+                f"x{api / handle:.2f}, a nested workflow's call x{nested / handle:.2f}"
             )
             if workload == "hello" and "seed" in results:
                 seed = results["seed"]

@@ -38,6 +38,7 @@ def test_bench_harness_smoke(tmp_path) -> None:
         "ours_sync_client",
         "ours_async_client",
         "ours_python_api",
+        "ours_nested_call",
     ):
         assert hello[system]["p50_ms"] > 0, system
     assert results["default"]["memory"]["points"]

@@ -1,5 +1,6 @@
-"""Nested workflows and cancellation on a real local Ray: a child runs on its deployed service,
-its events reach the parent's stream, and a cancel reaches it."""
+"""Nested workflows and cancellation on a real local Ray: a child runs on its deployed service
+(behind its session's earlier task there, and again when its replica dies), its events reach
+the parent's stream, and a cancel reaches it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import pytest_asyncio
+import ray
 
 from llama_deploy_ray import (
     AsyncLlamaDeployClient,
@@ -80,6 +82,42 @@ def test_child_events_reach_the_parent_stream(client: LlamaDeployClient) -> None
     assert [e["__seq__"] for e in events] == [1, 2, 3]
     steps = [e["step"] for e in events]
     assert sorted(steps) == [1, 2, 100] and steps.index(1) < steps.index(2)
+
+
+def test_a_child_behind_its_sessions_earlier_task_waits_its_turn(
+    client: LlamaDeployClient,
+) -> None:
+    # the child's service runs an earlier task of the session: the child does not start on a
+    # replica of its own (it would hold its slot waiting), the orchestrator waits for its turn
+    session = client.create_session()
+    earlier = session.run_nowait("child", arg1="first", seconds=2)
+    assert session.run("parent", arg1="x") == "x_result_result"
+    first, _, nested = sorted(session.get_tasks(), key=lambda t: t.created_at)
+    assert first.task_id == earlier and nested.service_name == "child"
+    assert first.status is nested.status is TaskStatus.COMPLETED
+    assert (first.finished_at or 0) <= (nested.finished_at or 0)
+
+
+async def test_a_child_whose_replica_dies_mid_run_still_answers_its_parent(
+    aclient: AsyncLlamaDeployClient,
+) -> None:
+    session = await aclient.create_session()
+    task_id = await session.run_nowait("parent", arg1="x", seconds=3)
+    for _ in range(200):  # bounded: 20 s for the child to run
+        tasks = await session.get_tasks()
+        if len(tasks) == 2 and tasks[1].status is TaskStatus.RUNNING:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the child task never ran")
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::child#"):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    # the orchestrator adopts the child once its replica's driver is silent, and runs it again
+    result = await session.get_task_result(task_id, wait_s=120)
+    assert result is not None and result.result == "x_result_result", result
+    child = (await session.get_tasks())[1]
+    assert child.status is TaskStatus.COMPLETED and child.attempts == 2, child
 
 
 def test_a_failing_child_fails_the_parent(client: LlamaDeployClient) -> None:

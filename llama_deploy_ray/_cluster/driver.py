@@ -101,7 +101,16 @@ class TaskDriver:
         The driving goes on if the caller goes away (a client that disconnected), so a task
         that started is always recorded."""
         self.start()
-        return await asyncio.shield(self.in_background(self._run(task, exclusive)))
+        result = await asyncio.shield(self.in_background(self._run(task, exclusive, queue=True)))
+        assert result is not None  # only a run that may not wait for its turn declines
+        return result
+
+    async def run_if_first(self, task: TaskDefinition) -> TaskResult | None:
+        """`run`, for a task that no other task of its session is ahead of on its service;
+        None, with nothing recorded, for one that would wait for its turn (or that existed):
+        a driver that waits holding nothing (the orchestrator) takes those."""
+        self.start()
+        return await asyncio.shield(self.in_background(self._run(task, False, queue=False)))
 
     async def submit(
         self, task: TaskDefinition, exclusive: bool = False
@@ -155,10 +164,12 @@ class TaskDriver:
         """Have the workflow run the task once (or resume it) and return its outcome."""
         raise NotImplementedError
 
-    async def _run(self, task: TaskDefinition, exclusive: bool) -> TaskResult:
+    async def _run(self, task: TaskDefinition, exclusive: bool, queue: bool) -> TaskResult | None:
         shard = self._control_plane.for_session(task.session_id)
         with self._driving(task.task_id):
-            begun = await self._begin(shard, task, exclusive, queue=True)
+            begun = await self._begin(shard, task, exclusive, queue)
+            if begun is None and not queue:
+                return None
             started = await self._started(shard, task.task_id, begun)
             result = await self._drive(shard, started, task.task_id)
         if result is None:  # parked for input, cancelled before it started, or a retried run

@@ -3,7 +3,9 @@
 A service's topic is its Ray Serve application: publishing a task is a call on the
 application's `DeploymentHandle`, the replicas' request queues are the mailboxes, and Serve's
 router gives each message to exactly one replica (competing consumers). The reply is a
-`DeploymentResponse` that is awaited (or cancelled), so nothing polls for results.
+`DeploymentResponse` that is awaited (or cancelled), so nothing polls for results. A nested
+task goes straight to a replica of its service the same way (`run_if_first`), without a
+driver in between.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from .._shared.errors import ServiceNotFoundError
-from .._shared.types import QueueMessage
+from .._shared.types import QueueMessage, TaskDefinition
 
 
 class RayMessageQueue:
@@ -27,6 +29,14 @@ class RayMessageQueue:
         response for the replica's `TaskOutcome`."""
         response = self._handle(message.type).process_message.remote(message)
         assert isinstance(response, DeploymentResponse)  # not a streaming call
+        return response
+
+    def run_if_first(self, task: TaskDefinition) -> DeploymentResponse:
+        """Have one replica of the task's service record and run it if no other task of its
+        session is ahead of it there; await the response for its `TaskResult`, or None (it
+        would wait: nothing was recorded)."""
+        response = self._handle(task.agent_id or "").run_if_first.remote(task)
+        assert isinstance(response, DeploymentResponse)
         return response
 
     async def check_event(self, service_name: str, event: dict[str, Any]) -> None:

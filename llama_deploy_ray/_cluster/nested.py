@@ -4,14 +4,21 @@ llama_deploy's `outer.add_workflows(inner=...)` let a step declare `inner: Inner
 call `await inner.run(...)`; workflows 2.x removed both. `add_workflows` brings them back: it
 binds, on the instance, a wrapper of every step that has a parameter of one of the given
 names, which passes that parameter in. What the step receives runs the workflow as a child
-task on the deployed service of the same name when there is one (through the orchestrator:
-retries, the child's own timeout, in the parent's session, its events in the parent's
-stream), and runs the local instance otherwise (outside a deployment, or when no such service
-is registered).
+task on the deployed service of the same name when there is one (the child's own timeout, in
+the parent's session, its events in the parent's stream), and runs the local instance
+otherwise (outside a deployment, or when no such service is registered).
+
+A child task goes straight to a replica of its service (one Serve hop, as a bare handle call),
+which records and runs it when it is first in its session's line there. One that would wait
+for its turn goes through the orchestrator, which waits holding no replica: a replica that
+waited would hold a request slot that the tasks ahead of it may need. If the child's replica
+dies mid-run, the orchestrator adopts the task once that replica's driver is silent, and the
+parent waits for its result on the control plane.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 from collections.abc import Awaitable, Callable
@@ -19,14 +26,16 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from ray.exceptions import RayActorError
 from workflows import Workflow
 
 from .._client.core import result_value, task_definition
 from .._shared.config import MAX_WAIT_S
 from .._shared.errors import InvalidRequestError, ServiceNotFoundError
-from .._shared.types import TaskDefinition
+from .._shared.types import TaskDefinition, TaskResult
 from .._shared.workflows_internals import copy_step_config, steps_of_class
 from .actors import ControlPlaneHandle, OrchestratorHandle
+from .message_queue import RayMessageQueue
 
 NESTED_ATTR = "_llama_deploy_nested"
 
@@ -38,6 +47,7 @@ class ParentRun:
     task: TaskDefinition
     control_plane: ControlPlaneHandle
     orchestrator: OrchestratorHandle
+    services: RayMessageQueue
     # awaited before a child task is asked for: what the run streamed so far is logged first
     before_child: Callable[[], Awaitable[None]]
 
@@ -108,12 +118,23 @@ class NestedWorkflow:
         )
         await parent.before_child()
         try:
-            # the control plane refuses an unknown service before recording anything, so
-            # asking for the child task is also how we learn whether the service exists
-            result = await parent.orchestrator.run(child)
+            result = await _run_child(parent, child)
         except ServiceNotFoundError:
             return await self.local.run(**kwargs)
         while not result.status.is_final:  # it waits for input; the parent's timeout bounds it
             shard = parent.control_plane.for_session(child.session_id)
             result = await shard.get_task(child.session_id, child.task_id, MAX_WAIT_S)
         return result_value(result)
+
+
+async def _run_child(parent: ParentRun, child: TaskDefinition) -> TaskResult:
+    """The child task's result, final or not (waiting for input, or driven elsewhere)."""
+    # no Serve application (registered only, or not at all), or its replica died: the
+    # orchestrator knows whether the service is registered, and finds a task that was begun
+    with contextlib.suppress(ServiceNotFoundError, RayActorError):
+        result = await parent.services.run_if_first(child)
+        if result is not None:
+            return result
+    # the control plane refuses an unknown service before recording anything, so asking for
+    # the child task is also how we learn whether the service exists
+    return await parent.orchestrator.run(child)

@@ -29,6 +29,7 @@ from .._shared.events import SEQ_KEY, event_from_dict, event_to_dict
 from .._shared.types import StartedTask, TaskOutcome
 from .._shared.workflows_internals import with_fresh_run_clock
 from .actors import ControlPlaneHandle, ControlPlaneShard, OrchestratorHandle
+from .message_queue import RayMessageQueue
 from .nested import PARENT_RUN, ParentRun
 from .outbox import Outbox
 from .state_serializer import SignedStateSerializer
@@ -56,6 +57,7 @@ class RunEngine:
         self.input_hold_s = input_hold_s
         # tasks whose stream a client reads from this replica (see `_live_stream`)
         self._watchers: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
+        self._services = RayMessageQueue()  # where nested tasks go
 
     def watch_stream(self, task_id: str) -> asyncio.Queue[dict[str, Any] | None]:
         """The events the task's runs here write to its stream, as they write them, until
@@ -92,7 +94,9 @@ class RunEngine:
             await events.flush()
             self.stop_watching(task.task_id)
 
-        parent = ParentRun(task, self.control_plane, self.orchestrator, before_child)
+        parent = ParentRun(
+            task, self.control_plane, self.orchestrator, self._services, before_child
+        )
         token = PARENT_RUN.set(parent)
         try:
             if state:

@@ -31,7 +31,7 @@ from .._shared.errors import (
     error_to_json,
 )
 from .._shared.events import accepted_events, event_from_dict
-from .._shared.types import QueueMessage, TaskDefinition, TaskOutcome
+from .._shared.types import QueueMessage, TaskDefinition, TaskOutcome, TaskResult
 from .._shared.workflows_internals import look_up_steps_once
 from .actors import ControlPlaneHandle, OrchestratorHandle
 from .driver import LocalDriver
@@ -157,6 +157,12 @@ class WorkflowService:
     async def __del__(self) -> None:
         # Serve stops a replica gracefully: what it ran is recorded before it goes
         await self._driver.drain()
+
+    async def run_if_first(self, task: TaskDefinition) -> TaskResult | None:
+        """Run a nested task here when it is first in its session's line on this service (its
+        parent's replica calls this through the service's handle: one hop); None, with nothing
+        recorded, when it would wait for its turn: the orchestrator takes it then."""
+        return await self._driver.run_if_first(task)
 
     async def check_event(self, event: dict[str, Any]) -> None:
         """Raise `InvalidRequestError` unless this workflow can take `event` from a client."""
