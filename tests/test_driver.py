@@ -5,28 +5,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+
+from ray.exceptions import ActorUnavailableError
 
 from llama_deploy_ray import TaskDefinition
+from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
+from llama_deploy_ray._cluster.control_plane import ControlPlane
+from llama_deploy_ray._cluster.driver import LocalDriver
+from llama_deploy_ray._shared import retry
+from llama_deploy_ray._shared.errors import ControlPlaneUnavailableError
+from llama_deploy_ray._shared.types import ServiceDefinition, StartedTask, TaskOutcome, TaskStatus
 
 from .fakes import ActorLike
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
-async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fails() -> None:
-    from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
-    from llama_deploy_ray._cluster.control_plane import ControlPlane
-    from llama_deploy_ray._cluster.driver import LocalDriver
-    from llama_deploy_ray._shared.types import (
-        ServiceDefinition,
-        StartedTask,
-        TaskOutcome,
-        TaskStatus,
-    )
-
+async def _control_plane() -> tuple[ControlPlane, str]:
+    """A control plane in this process with a service `svc`, and a session's id."""
     control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
     await control_plane.register_service(ServiceDefinition(service_name="svc"))
-    session = await control_plane.create_session()
+    return control_plane, (await control_plane.create_session()).session_id
+
+
+def _driver(
+    target: object, run_here: Callable[[StartedTask], Awaitable[TaskOutcome]]
+) -> LocalDriver:
+    """A replica's driver whose control plane is `target`, called as a Ray actor would be."""
+    shard = ControlPlaneShard(ActorLike(target))  # type: ignore[arg-type]
+    return LocalDriver(ControlPlaneHandle([shard]), run_here)
+
+
+async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fails() -> None:
+    control_plane, session_id = await _control_plane()
     started_runs: list[str] = []
 
     async def run_here(started: StartedTask) -> TaskOutcome:
@@ -36,19 +48,16 @@ async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fai
         await asyncio.sleep(60)
         return TaskOutcome(result="never")
 
-    shard = ControlPlaneShard(ActorLike(control_plane))  # type: ignore[arg-type]
-    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
+    driver = _driver(control_plane, run_here)
 
     def task(**kwargs: object) -> TaskDefinition:
-        return TaskDefinition(
-            input=json.dumps(kwargs), agent_id="svc", session_id=session.session_id
-        )
+        return TaskDefinition(input=json.dumps(kwargs), agent_id="svc", session_id=session_id)
 
     long_task, broken, after = task(), task(fail=True), task()
     running = asyncio.ensure_future(driver.run(long_task))
     await asyncio.sleep(0.2)
     assert started_runs == [long_task.task_id]
-    await control_plane.cancel_task(session.session_id, long_task.task_id)
+    await control_plane.cancel_task(session_id, long_task.task_id)
     result = await asyncio.wait_for(running, timeout=5)  # the watch told the driver
     assert result.status is TaskStatus.CANCELLED
 
@@ -58,7 +67,7 @@ async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fai
     nxt = asyncio.ensure_future(driver.run(after))
     await asyncio.sleep(0.2)
     assert started_runs[-1] == after.task_id
-    await control_plane.cancel_task(session.session_id, after.task_id)
+    await control_plane.cancel_task(session_id, after.task_id)
     assert (await asyncio.wait_for(nxt, timeout=5)).status is TaskStatus.CANCELLED
     await driver.drain()
 
@@ -67,32 +76,19 @@ async def test_a_task_whose_asker_gave_up_before_its_begin_was_answered_still_ru
     """A client that stops waiting for `run_nowait` (its fallback after a second) cancels the
     replica's request; the task its begin recorded and started is driven to the end anyway,
     else it would stay running, owned by a live driver, and never be adopted."""
-    from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
-    from llama_deploy_ray._cluster.control_plane import ControlPlane
-    from llama_deploy_ray._cluster.driver import LocalDriver
-    from llama_deploy_ray._shared.types import (
-        ServiceDefinition,
-        StartedTask,
-        TaskOutcome,
-        TaskStatus,
-    )
-
-    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
-    await control_plane.register_service(ServiceDefinition(service_name="svc"))
-    session = await control_plane.create_session()
+    control_plane, session_id = await _control_plane()
 
     async def run_here(started: StartedTask) -> TaskOutcome:
         return TaskOutcome(result="done")
 
-    shard = ControlPlaneShard(ActorLike(control_plane))  # type: ignore[arg-type]
-    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
-    task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+    driver = _driver(control_plane, run_here)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
 
     asking = asyncio.ensure_future(driver.submit_if_first(task))
     await asyncio.sleep(0)  # the begin is on its way, unanswered
     asking.cancel()
     await asyncio.sleep(0.2)  # recorded, and driven if the driving went on
-    result = await control_plane.get_task(session.session_id, task.task_id, wait_s=5)
+    result = await control_plane.get_task(session_id, task.task_id, wait_s=5)
     assert result.status is TaskStatus.COMPLETED and result.result == "done", result
     await driver.drain()
 
@@ -103,24 +99,8 @@ async def test_a_begin_that_landed_but_was_never_answered_is_driven_once_answere
     """The control plane recorded and started the task, then stayed unreachable for the whole
     budget: the asker gets the 503, and the driver, which owns the task, asks again in the
     background until answered and drives it (else nobody would: its owner is alive)."""
-    from ray.exceptions import ActorUnavailableError
-
-    from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
-    from llama_deploy_ray._cluster.control_plane import ControlPlane
-    from llama_deploy_ray._cluster.driver import LocalDriver
-    from llama_deploy_ray._shared import retry
-    from llama_deploy_ray._shared.errors import ControlPlaneUnavailableError
-    from llama_deploy_ray._shared.types import (
-        ServiceDefinition,
-        StartedTask,
-        TaskOutcome,
-        TaskStatus,
-    )
-
     monkeypatch.setattr(retry.call_actor, "__defaults__", (0.3,))  # the budget, shortened
-    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
-    await control_plane.register_service(ServiceDefinition(service_name="svc"))
-    session = await control_plane.create_session()
+    control_plane, session_id = await _control_plane()
     unreachable_until = asyncio.get_running_loop().time() + 1.0
 
     class AnswerLost:
@@ -138,9 +118,8 @@ async def test_a_begin_that_landed_but_was_never_answered_is_driven_once_answere
     async def run_here(started: StartedTask) -> TaskOutcome:
         return TaskOutcome(result="done")
 
-    shard = ControlPlaneShard(ActorLike(AnswerLost()))  # type: ignore[arg-type]
-    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
-    task = TaskDefinition(input="{}", agent_id="svc", session_id=session.session_id)
+    driver = _driver(AnswerLost(), run_here)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
 
     try:
         await driver.submit_if_first(task)
@@ -148,6 +127,6 @@ async def test_a_begin_that_landed_but_was_never_answered_is_driven_once_answere
         pass
     else:
         raise AssertionError("the begin was answered within the budget: the test proved less")
-    result = await control_plane.get_task(session.session_id, task.task_id, wait_s=10)
+    result = await control_plane.get_task(session_id, task.task_id, wait_s=10)
     assert result.status is TaskStatus.COMPLETED and result.result == "done", result
     await driver.drain()

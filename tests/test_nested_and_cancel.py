@@ -14,6 +14,7 @@ import ray
 
 from llama_deploy_ray import (
     AsyncLlamaDeployClient,
+    AsyncSessionClient,
     ControlPlaneConfig,
     LlamaDeployClient,
     TaskCancelledError,
@@ -103,13 +104,7 @@ async def test_a_child_whose_replica_dies_mid_run_still_answers_its_parent(
 ) -> None:
     session = await aclient.create_session()
     task_id = await session.run_nowait("parent", arg1="x", seconds=3)
-    for _ in range(200):  # bounded: 20 s for the child to run
-        tasks = await session.get_tasks()
-        if len(tasks) == 2 and tasks[1].status is TaskStatus.RUNNING:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("the child task never ran")
+    await _child_running(session)
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["name"].startswith("SERVE_REPLICA::child#"):
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
@@ -159,13 +154,7 @@ def test_cancel_a_queued_task(client: LlamaDeployClient) -> None:
 async def test_cancel_reaches_children(aclient: AsyncLlamaDeployClient) -> None:
     session = await aclient.create_session()
     task_id = await session.run_nowait("parent", arg1="x", seconds=60)
-    for _ in range(200):  # bounded: 20 s for the child to run
-        tasks = await session.get_tasks()
-        if len(tasks) == 2 and tasks[1].status is TaskStatus.RUNNING:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("the child task never ran")
+    await _child_running(session)
     result = await session.cancel_task(task_id)
     assert result.status is TaskStatus.CANCELLED
     assert [t.status for t in await session.get_tasks()] == [TaskStatus.CANCELLED] * 2
@@ -189,3 +178,13 @@ def test_run_raises_when_its_task_is_cancelled(client, deployed) -> None:
         with pytest.raises(TaskCancelledError):
             session.run("one_slot", seconds=30)
         assert cancelled.result(timeout=30).status is TaskStatus.CANCELLED
+
+
+async def _child_running(session: AsyncSessionClient) -> None:
+    """Wait (20 s at most) until the parent task's child runs."""
+    for _ in range(200):
+        tasks = await session.get_tasks()
+        if len(tasks) == 2 and tasks[1].status is TaskStatus.RUNNING:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail("the child task never ran")
