@@ -40,7 +40,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .._shared.config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
 from .._shared.errors import ControlPlaneUnavailableError
-from .._shared.retry import actor_unreachable, call_retrying, full_jitter_s
+from .._shared.retry import actor_unreachable, call_retrying
 from .._shared.types import (
     QueueMessage,
     StartedTask,
@@ -222,22 +222,19 @@ class TaskDriver:
     async def _begin_again(
         self, shard: ControlPlaneShard, task: TaskDefinition, exclusive: bool, queue: bool
     ) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
-            await asyncio.sleep(full_jitter_s(attempt))
-            try:
-                answer = await shard.begin_task(task, self.driver_id, exclusive, queue, True)
-                break
-            except ControlPlaneUnavailableError:
-                continue
-            except Exception:  # refused (a task of that id is another's): nothing to drive
-                return
-        if answer is None:
+        async def begin() -> StartedTask | TaskResult | None:  # tenacity awaits these only
+            return await shard.begin_task(task, self.driver_id, exclusive, queue, True)
+
+        try:
+            answer = await call_retrying(
+                begin, lambda exc: isinstance(exc, ControlPlaneUnavailableError)
+            )
+        except Exception:  # refused (a task of that id is another's): nothing to drive
             return
-        with self._driving(task.task_id):
-            started = await self._started(shard, task.task_id, answer)
-            await self._drive(shard, started, task.task_id)
+        if answer is not None:
+            with self._driving(task.task_id):
+                started = await self._started(shard, task.task_id, answer)
+                await self._drive(shard, started, task.task_id)
 
     async def _started(
         self, shard: ControlPlaneShard, task_id: str, begun: StartedTask | TaskResult | None
