@@ -83,6 +83,29 @@ async def test_flush_waits_until_what_was_put_has_landed() -> None:
     assert landed == [1, 2, 3]
 
 
+async def test_a_lingering_outbox_sends_what_came_meanwhile_in_one_call() -> None:
+    calls: list[list[int]] = []
+
+    async def send(batch: list[int]) -> None:
+        calls.append(batch)
+
+    outbox: Outbox[int] = Outbox(send, linger_s=0.05)
+    outbox.put(1)
+    outbox.put(2)
+    await asyncio.sleep(0.01)
+    assert calls == []  # lingering
+    await asyncio.sleep(0.1)
+    assert calls == [[1, 2]]
+    outbox.put(3)  # idle again: lingers again, then flush sends at once
+    await asyncio.wait_for(outbox.flush(), 0.04)
+    assert calls == [[1, 2], [3]]
+    # what came while it lingered is the closer's: no call of its own
+    outbox.put(4)
+    assert await asyncio.wait_for(outbox.close(), 0.04) == [4]
+    await asyncio.sleep(0.1)
+    assert calls == [[1, 2], [3]]
+
+
 async def test_asks_during_a_call_go_together_and_each_gets_its_own_answer() -> None:
     calls: list[list[int]] = []
     release = asyncio.Event()

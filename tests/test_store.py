@@ -11,8 +11,9 @@ import pytest
 from llama_deploy_ray import InvalidRequestError, TaskDefinition, TaskStatus
 from llama_deploy_ray._cluster.control_plane import ControlPlane
 from llama_deploy_ray._cluster.store import open_store
+from llama_deploy_ray._shared.errors import SessionNotFoundError
 from llama_deploy_ray._shared.events import DROPPED_TYPE, TYPE_KEY
-from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome
+from llama_deploy_ray._shared.types import ServiceDefinition, StartedTask, TaskOutcome
 
 from .fakes import begin
 
@@ -81,6 +82,24 @@ async def test_one_turn_of_changes_is_one_commit(tmp_path: Path) -> None:
     before = (await plane.sizes())["store_commits"]
     await asyncio.gather(*(plane.create_session() for _ in range(50)))
     assert (await plane.sizes())["store_commits"] - before == 1
+
+
+async def test_a_handlers_first_run_creates_its_session_in_the_same_commit(
+    tmp_path: Path,
+) -> None:
+    store = str(tmp_path / "state.sqlite3")
+    plane = control_plane(store)
+    await plane.register_service(ServiceDefinition(service_name="svc"))
+    before = (await plane.sizes())["store_commits"]
+    task = TaskDefinition(input="{}", agent_id="svc", session_id="handler-new")
+    (started,) = await plane.begin_tasks([(task, "d", False, True, True)])
+    assert isinstance(started, StartedTask) and started.state is None
+    assert (await plane.sizes())["store_commits"] - before == 1
+    assert (await control_plane(store).get_session("handler-new")).task_ids == [task.task_id]
+    # a task that is not a handler's run names an existing session
+    other = TaskDefinition(input="{}", agent_id="svc", session_id="never-made")
+    (refused,) = await plane.begin_tasks([(other, "d", False, False, True)])
+    assert isinstance(refused, SessionNotFoundError)
 
 
 async def one_finished_task(store: str, session_id: str) -> tuple[ControlPlane, str]:

@@ -193,14 +193,14 @@ class ControlPlaneShard(_Handle):
         self,
         task: TaskDefinition,
         owner: str,
-        exclusive: bool = False,
+        handler: bool = False,
         queue: bool = True,
         resent: bool = False,
     ) -> StartedTask | TaskResult | None:
         """The control plane's `begin_tasks` for one task: begins asked while a call is on its
         way go together in the next call (under load, one call begins many tasks). `resent`:
         an earlier begin of it got no answer."""
-        answer = await self._begins.ask((task, owner, exclusive, queue, resent))
+        answer = await self._begins.ask((task, owner, handler, queue, resent))
         if isinstance(answer, LlamaDeployError):
             raise answer
         return answer
@@ -215,8 +215,8 @@ class ControlPlaneShard(_Handle):
             sent += 1  # a call sent again says so: the tasks it may have begun are its own
             return self._actor.begin_tasks.remote(
                 [
-                    (task, owner, resent or sent > 1, exclusive, queue)
-                    for task, owner, exclusive, queue, resent in begins
+                    (task, owner, resent or sent > 1, handler, queue)
+                    for task, owner, handler, queue, resent in begins
                 ]
             )
 

@@ -270,14 +270,18 @@ class ControlPlane:
                 f"session {session_id!r} already exists; use get_or_create_session to reuse it"
             )
         definition = SessionDefinition(session_id=session_id) if session_id else SessionDefinition()
-        self._sessions[definition.session_id] = _Session(definition, next(self._order))
-        await self._persist(("session", definition.session_id))
+        self._add_session(definition)
+        await self._persist()
         return definition
 
     async def get_or_create_session(self, session_id: str) -> SessionDefinition:
         if session_id in self._sessions:
             return self._session_definition(session_id)
         return await self.create_session(session_id)
+
+    def _add_session(self, definition: SessionDefinition) -> None:
+        self._sessions[definition.session_id] = _Session(definition, next(self._order))
+        self._mark(("session", definition.session_id))
 
     async def get_session(self, session_id: str) -> SessionDefinition:
         return self._session_definition(session_id)
@@ -320,23 +324,27 @@ class ControlPlane:
     # tasks
 
     async def create_task(
-        self, task: TaskDefinition, owner: str, exclusive: bool = False
+        self, task: TaskDefinition, owner: str, handler: bool = False
     ) -> TaskResult:
         """Record a task and put it in its session's line for its service; `owner` is the id
-        of the driver that will drive it. `exclusive` refuses it (`TaskStateError`) while
-        another task of the session is unfinished (a handler runs once at a time).
+        of the driver that will drive it. `handler` says it is a run of a workflow-server
+        handler: its session is created if new (one call, not two, per run of a new handler),
+        and it is refused (`TaskStateError`) while another task of the session is unfinished
+        (a handler runs once at a time).
 
         A task whose id this session already has is not created again: its existing record is
         returned, so a client that retries after a timeout or a cut connection never runs the
         work twice."""
-        record = self._create_task(task, owner, exclusive)
+        record = self._create_task(task, owner, handler)
         await self._persist(("task", task.task_id))
         return record.result
 
-    def _create_task(self, task: TaskDefinition, owner: str, exclusive: bool = False) -> _Task:
+    def _create_task(self, task: TaskDefinition, owner: str, handler: bool = False) -> _Task:
         service_name = task.agent_id
         if not service_name:
             raise InvalidRequestError("the task names no service: set agent_id")
+        if handler and task.session_id and task.session_id not in self._sessions:
+            self._add_session(SessionDefinition(session_id=task.session_id))
         session = self._session(task.session_id or "")
         existing = self._tasks.get(task.task_id)
         if existing is not None:
@@ -348,7 +356,7 @@ class ControlPlane:
             return existing
         if service_name not in self._services:
             raise ServiceNotFoundError(service_name)
-        if exclusive:
+        if handler:
             tasks = (self._tasks.get(t) for t in session.task_ids)
             running = next((t for t in tasks if t and not t.result.status.is_final), None)
             if running is not None:
@@ -392,31 +400,31 @@ class ControlPlane:
     async def begin_tasks(
         self, begins: list[tuple[TaskDefinition, str, bool, bool, bool]]
     ) -> list[StartedTask | TaskResult | LlamaDeployError | None]:
-        """For each `(task, owner, resent, exclusive, queue)`: `create_task`, and `start_task`
+        """For each `(task, owner, resent, handler, queue)`: `create_task`, and `start_task`
         when the task's turn has come, all in one call and one commit. Each answer is the task
         started (`StartedTask`); its pending result when it waits for its turn (its driver
         starts it with `start_task`); None for a task that already existed (a client's retry:
         the first request's driver runs it), or that would wait for its turn when `queue` is
         false (then it is not recorded); or the error that refused it. `resent` says the driver
         sends this call again because it got no answer (the control plane restarted): the task
-        it may have begun is its own. `exclusive` as in `create_task`."""
+        it may have begun is its own. `handler` as in `create_task`."""
         answers: list[StartedTask | TaskResult | LlamaDeployError | None] = []
-        for task, owner, resent, exclusive, queue in begins:
+        for task, owner, resent, handler, queue in begins:
             try:
-                answers.append(self._begin(task, owner, resent, exclusive, queue))
+                answers.append(self._begin(task, owner, resent, handler, queue))
             except LlamaDeployError as exc:
                 answers.append(exc)
         await self._persist(*(("task", task.task_id) for task, *_ in begins))
         return answers
 
     def _begin(
-        self, task: TaskDefinition, owner: str, resent: bool, exclusive: bool, queue: bool
+        self, task: TaskDefinition, owner: str, resent: bool, handler: bool, queue: bool
     ) -> StartedTask | TaskResult | None:
         existing = self._tasks.get(task.task_id)
         line = self._lines.get((task.session_id or "", task.agent_id or ""))
         if existing is None and not queue and line:
             return None  # another task of its session is ahead of it on the service
-        record = self._create_task(task, owner, exclusive)  # refuses another task, same id
+        record = self._create_task(task, owner, handler)  # refuses another task, same id
         if existing is not None and not (resent and existing.owner == owner):
             return None
         if not record.turn.is_set():

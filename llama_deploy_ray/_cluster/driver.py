@@ -93,15 +93,15 @@ class TaskDriver:
             ]
             threading.Thread(target=self._beat, name="driver-heartbeat", daemon=True).start()
 
-    async def run(self, task: TaskDefinition, exclusive: bool = False) -> TaskResult:
+    async def run(self, task: TaskDefinition, handler: bool = False) -> TaskResult:
         """Record `task`, drive it and return its result: final, or `waiting` when it was
-        parked to wait for input (then it holds no replica slot, nor this call). `exclusive`
-        refuses it while another task of its session is unfinished.
+        parked to wait for input (then it holds no replica slot, nor this call). `handler`: a
+        run of a workflow-server handler (see the control plane's `create_task`).
 
         The driving goes on if the caller goes away (a client that disconnected), so a task
         that started is always recorded."""
         self.start()
-        result = await asyncio.shield(self.in_background(self._run(task, exclusive, queue=True)))
+        result = await asyncio.shield(self.in_background(self._run(task, handler, queue=True)))
         assert result is not None  # only a run that may not wait for its turn declines
         return result
 
@@ -113,12 +113,12 @@ class TaskDriver:
         return await asyncio.shield(self.in_background(self._run(task, False, queue=False)))
 
     async def submit(
-        self, task: TaskDefinition, exclusive: bool = False
+        self, task: TaskDefinition, handler: bool = False
     ) -> tuple[TaskResult, asyncio.Task[TaskResult | None]]:
         """Record `task` and drive it in the background: its pending result, and the driving,
         which returns the final result once it is recorded here, or None when the task's run
         stopped here first (parked for input, cancelled before it started, driven elsewhere)."""
-        pending, driving = await self._submit(task, exclusive, queue=True)
+        pending, driving = await self._submit(task, handler, queue=True)
         if pending is None:  # it existed: the first request's driver runs it
             shard = self._control_plane.for_session(task.session_id)
             pending = await shard.get_task(task.session_id, task.task_id)
@@ -130,16 +130,16 @@ class TaskDriver:
         """`submit`, for a task that no other task of its session is ahead of on its service;
         None, with nothing recorded, for one that would wait for its turn (or that existed):
         a driver that waits holding nothing (the orchestrator) takes those."""
-        pending, driving = await self._submit(task, exclusive=False, queue=False)
+        pending, driving = await self._submit(task, handler=False, queue=False)
         return None if pending is None else (pending, driving)
 
     async def _submit(
-        self, task: TaskDefinition, exclusive: bool, queue: bool
+        self, task: TaskDefinition, handler: bool, queue: bool
     ) -> tuple[TaskResult | None, asyncio.Task[TaskResult | None]]:
         self.start()
         shard = self._control_plane.for_session(task.session_id)
         begun: asyncio.Future[TaskResult | None] = asyncio.get_running_loop().create_future()
-        driving = self.in_background(self._begin_and_drive(shard, task, exclusive, queue, begun))
+        driving = self.in_background(self._begin_and_drive(shard, task, handler, queue, begun))
         return await begun, driving
 
     def resume(self, started: StartedTask) -> None:
@@ -164,10 +164,10 @@ class TaskDriver:
         """Have the workflow run the task once (or resume it) and return its outcome."""
         raise NotImplementedError
 
-    async def _run(self, task: TaskDefinition, exclusive: bool, queue: bool) -> TaskResult | None:
+    async def _run(self, task: TaskDefinition, handler: bool, queue: bool) -> TaskResult | None:
         shard = self._control_plane.for_session(task.session_id)
         with self._driving(task.task_id):
-            begun = await self._begin(shard, task, exclusive, queue)
+            begun = await self._begin(shard, task, handler, queue)
             if begun is None and not queue:
                 return None
             started = await self._started(shard, task.task_id, begun)
@@ -180,7 +180,7 @@ class TaskDriver:
         self,
         shard: ControlPlaneShard,
         task: TaskDefinition,
-        exclusive: bool,
+        handler: bool,
         queue: bool,
         begun: asyncio.Future[TaskResult | None],
     ) -> TaskResult | None:
@@ -189,7 +189,7 @@ class TaskDriver:
         existed, or waits for its turn and `queue` is false)."""
         with self._driving(task.task_id):
             try:
-                answer = await self._begin(shard, task, exclusive, queue)
+                answer = await self._begin(shard, task, handler, queue)
             except Exception as exc:
                 if not begun.cancelled():
                     begun.set_exception(exc)
@@ -207,23 +207,23 @@ class TaskDriver:
         return result
 
     async def _begin(
-        self, shard: ControlPlaneShard, task: TaskDefinition, exclusive: bool, queue: bool
+        self, shard: ControlPlaneShard, task: TaskDefinition, handler: bool, queue: bool
     ) -> StartedTask | TaskResult | None:
         """`begin_task`; when the control plane stayed unreachable, the call may still have
         landed before it went, leaving the task this driver's and driven by nobody (the
         client's retry finds it, another driver's): then, in the background, this driver asks
         again until answered, and drives what it owns."""
         try:
-            return await shard.begin_task(task, self.driver_id, exclusive, queue)
+            return await shard.begin_task(task, self.driver_id, handler, queue)
         except ControlPlaneUnavailableError:
-            self.in_background(self._begin_again(shard, task, exclusive, queue))
+            self.in_background(self._begin_again(shard, task, handler, queue))
             raise
 
     async def _begin_again(
-        self, shard: ControlPlaneShard, task: TaskDefinition, exclusive: bool, queue: bool
+        self, shard: ControlPlaneShard, task: TaskDefinition, handler: bool, queue: bool
     ) -> None:
         async def begin() -> StartedTask | TaskResult | None:  # tenacity awaits these only
-            return await shard.begin_task(task, self.driver_id, exclusive, queue, True)
+            return await shard.begin_task(task, self.driver_id, handler, queue, True)
 
         try:
             answer = await call_retrying(

@@ -64,9 +64,9 @@ class HandlerRoutes:
             handler_id, task = await self._new_run(body)
             try:  # refused while the handler's last run is unfinished
                 if wait:
-                    result = await self._driver.run(task, exclusive=True)
+                    result = await self._driver.run(task, handler=True)
                 else:
-                    result, _ = await self._driver.submit(task, exclusive=True)
+                    result, _ = await self._driver.submit(task, handler=True)
             except TaskStateError:
                 raise TaskStateError(f"Handler '{handler_id}' is already running") from None
             shard = self._control_plane.for_session(task.session_id or "")
@@ -99,10 +99,9 @@ class HandlerRoutes:
             raise InvalidRequestError(
                 f"handler_id {handler_id!r} must match {HANDLER_ID_PATTERN} (it names a session)"
             )
-        session_id = session_of(handler_id)
-        await self._control_plane.for_session(session_id).get_or_create_session(session_id)
+        # the task's begin creates its session if new
         task = TaskDefinition(
-            input=json.dumps(kwargs), session_id=session_id, agent_id=self._service_name
+            input=json.dumps(kwargs), session_id=session_of(handler_id), agent_id=self._service_name
         )
         return handler_id, task
 

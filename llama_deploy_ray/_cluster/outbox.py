@@ -4,7 +4,9 @@ control plane.
 
 Items put while a call is on its way go together in the next call, so under load one call
 carries many items, and items leave in the order they were put. An `Outbox` sends without
-waiting for answers; a `Batcher` gives each asker the answer to its own item.
+waiting for answers; a `Batcher` gives each asker the answer to its own item. An outbox with a
+`linger_s` waits that long before a call, so that what comes meanwhile goes in it, and what its
+closer takes goes in no call of its own (a short run's events go with its outcome).
 
     outbox = Outbox(lambda batch: shard.append_events(task_id, batch))
     outbox.put(event)          # sent at once when no call is on its way
@@ -30,29 +32,37 @@ class Outbox(Generic[T]):
         self,
         send: Callable[[list[T]], Awaitable[Any]],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] = asyncio.ensure_future,
+        linger_s: float = 0.0,
     ) -> None:
-        """`send(batch)` is called when the batch leaves (a send that makes its call at once,
-        such as an actor call's `.remote`, is on its way before `put` returns); `spawn` runs
-        the background sender (give a driver's, so that draining it waits for the sends)."""
+        """`send(batch)` is called when the batch leaves (without a linger, a send that makes
+        its call at once, such as an actor call's `.remote`, is on its way before `put`
+        returns); `spawn` runs the background sender (give a driver's, so that draining it
+        waits for the sends)."""
         self._send = send
         self._spawn = spawn
+        self._linger_s = linger_s
         self._items: list[T] = []
         self._sending: asyncio.Task[None] | None = None
+        self._lingering: asyncio.Future[None] | None = None
         self._closed = False
 
     def put(self, item: T) -> None:
         self._items.append(item)
         if not self._closed and (self._sending is None or self._sending.done()):
-            self._sending = self._spawn(self._drain(self._send(self._take())))
+            self._sending = self._spawn(
+                self._linger() if self._linger_s else self._drain(self._send(self._take()))
+            )
 
     async def flush(self) -> None:
         """Wait until what was put so far is sent and its call answered."""
+        self._stop_lingering()
         while self._sending is not None and not self._sending.done():
             await asyncio.shield(self._sending)
 
     async def close(self) -> list[T]:
         """Send nothing more; wait for the call on its way and return what was left."""
         self._closed = True
+        self._stop_lingering()
         if self._sending is not None:
             await self._sending
         return self._take()
@@ -60,6 +70,21 @@ class Outbox(Generic[T]):
     def _take(self) -> list[T]:
         batch, self._items = self._items, []
         return batch
+
+    async def _linger(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._lingering = loop.create_future()
+        timer = loop.call_later(self._linger_s, self._stop_lingering)
+        try:
+            await self._lingering
+        finally:
+            timer.cancel()
+        if not self._closed:
+            await self._drain(self._send(self._take()))
+
+    def _stop_lingering(self) -> None:
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
 
     async def _drain(self, first: Awaitable[Any]) -> None:
         await first

@@ -2,8 +2,8 @@
 
 It restores the session's context for this service, runs the workflow and returns the outcome
 with the context's new state. While it runs, the events the workflow writes to its stream go to
-the control plane in batches (one call in flight, see `_outbox`); the last of them go with the
-outcome.
+the control plane in batches (one call in flight, each after `STREAM_LINGER_S`, see `_outbox`);
+the last of them go with the outcome, and all of them, in a run that ends sooner.
 
 Human input: once the workflow writes an `InputRequiredEvent`, the engine reads the task's
 inbox on the control plane and sends what arrives into the run. If the workflow still waits
@@ -24,6 +24,7 @@ from workflows import Context, Workflow
 from workflows.events import Event, InputRequiredEvent, StopEvent
 from workflows.handler import WorkflowHandler
 
+from .._shared.config import STREAM_LINGER_S
 from .._shared.errors import InvalidRequestError
 from .._shared.events import SEQ_KEY, event_from_dict, event_to_dict
 from .._shared.types import StartedTask, TaskOutcome
@@ -86,7 +87,7 @@ class RunEngine:
             state = with_fresh_run_clock(state)
         shard = self.control_plane.for_session(task.session_id)
         events: Outbox[dict[str, Any]] = Outbox(
-            lambda batch: shard.append_events(task.task_id, batch)
+            lambda batch: shard.append_events(task.task_id, batch), linger_s=STREAM_LINGER_S
         )
 
         async def before_child() -> None:

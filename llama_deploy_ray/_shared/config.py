@@ -45,6 +45,10 @@ ACTOR_MAX_CONCURRENCY = 100_000
 MAX_WAIT_S = 300.0
 # A stream with nothing new sends a keep-alive this often, so idle streams outlive timeouts.
 STREAM_KEEPALIVE_S = 15.0
+# A run's streamed events reach the control plane's log (which readers other than the run's
+# own client read) at most this late: a run that ends sooner sends them with its outcome, in
+# one call instead of two or three. The run's own client reads them live from the replica.
+STREAM_LINGER_S = 0.05
 # How many sessions or tasks one page of a listing holds, at most.
 PAGE_SIZE = 1000
 # How often the control plane forgets what is past its retention, besides when tasks finish.
