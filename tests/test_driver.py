@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 
+import pytest
 from ray.exceptions import ActorUnavailableError
 
 from llama_deploy_ray import TaskDefinition
@@ -14,7 +15,7 @@ from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneSha
 from llama_deploy_ray._cluster.control_plane import ControlPlane
 from llama_deploy_ray._cluster.driver import LocalDriver
 from llama_deploy_ray._shared import retry
-from llama_deploy_ray._shared.errors import ControlPlaneUnavailableError
+from llama_deploy_ray._shared.errors import ControlPlaneUnavailableError, ServiceNotFoundError
 from llama_deploy_ray._shared.types import ServiceDefinition, StartedTask, TaskOutcome, TaskStatus
 
 from .fakes import ActorLike
@@ -32,9 +33,10 @@ async def _control_plane() -> tuple[ControlPlane, str]:
 def _driver(
     target: object, run_here: Callable[[StartedTask], Awaitable[TaskOutcome]]
 ) -> LocalDriver:
-    """A replica's driver whose control plane is `target`, called as a Ray actor would be."""
+    """A replica's driver whose control plane is `target`, called as a Ray actor would be,
+    running each task with `run_here` (which is not told of a pending begin)."""
     shard = ControlPlaneShard(ActorLike(target))  # type: ignore[arg-type]
-    return LocalDriver(ControlPlaneHandle([shard]), run_here)
+    return LocalDriver(ControlPlaneHandle([shard]), lambda started, _: run_here(started))
 
 
 async def test_a_replica_driver_hears_of_a_cancel_and_a_task_that_cannot_run_fails() -> None:
@@ -129,4 +131,44 @@ async def test_a_begin_that_landed_but_was_never_answered_is_driven_once_answere
         raise AssertionError("the begin was answered within the budget: the test proved less")
     result = await control_plane.get_task(session_id, task.task_id, wait_s=10)
     assert result.status is TaskStatus.COMPLETED and result.result == "done", result
+    await driver.drain()
+
+
+async def test_a_new_handlers_run_starts_before_its_begin_is_answered() -> None:
+    """`run_new` runs the task while its begin is on its way; the run reaches the control
+    plane only once the task is recorded, and a begin that is refused cancels the run."""
+    control_plane, _ = await _control_plane()
+
+    class SlowBegin:
+        def __getattr__(self, name: str) -> object:
+            return getattr(control_plane, name)
+
+        async def begin_tasks(self, begins: list) -> list:
+            await asyncio.sleep(0.3)
+            return await control_plane.begin_tasks(begins)
+
+    seen: list[str] = []
+
+    async def run_here(started: StartedTask, recorded: asyncio.Future[None] | None) -> TaskOutcome:
+        assert recorded is not None
+        task_id = started.task.task_id
+        seen.append("unrecorded" if task_id not in control_plane._tasks else "recorded")
+        await recorded
+        seen.append("recorded" if task_id in control_plane._tasks else "unrecorded")
+        return TaskOutcome(result="done")
+
+    shard = ControlPlaneShard(ActorLike(SlowBegin()))  # type: ignore[arg-type]
+    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id="handler-new")
+    result = await asyncio.wait_for(driver.run_new(task), 5)
+    assert result.status is TaskStatus.COMPLETED and result.result == "done", result
+    assert seen == ["unrecorded", "recorded"]
+    recorded = await control_plane.get_task("handler-new", task.task_id, wait_s=5)
+    assert recorded.status is TaskStatus.COMPLETED and recorded.attempts == 1
+
+    refused = TaskDefinition(input="{}", agent_id="nowhere", session_id="handler-other")
+    with pytest.raises(ServiceNotFoundError):
+        await asyncio.wait_for(driver.run_new(refused), 5)
+    await asyncio.sleep(0.05)
+    assert seen[-1] == "unrecorded"  # it ran, waited for its record, and was cancelled
     await driver.drain()

@@ -47,6 +47,7 @@ from .._shared.types import (
     TaskDefinition,
     TaskOutcome,
     TaskResult,
+    TaskStatus,
 )
 from .actors import ControlPlaneHandle, ControlPlaneShard
 from .message_queue import RayMessageQueue
@@ -255,25 +256,33 @@ class TaskDriver:
             await self._drive(shard, started, started.task.task_id)
 
     async def _drive(
-        self, shard: ControlPlaneShard, started: StartedTask | None, task_id: str
+        self,
+        shard: ControlPlaneShard,
+        started: StartedTask | None,
+        task_id: str,
+        outcome: TaskOutcome | None = None,
     ) -> TaskResult | None:
-        """Run the task until it is final (its result) or waits for input (None)."""
+        """Run the task until it is final (its result) or waits for input (None); `outcome`:
+        its first run's, when that run already happened."""
         while started is not None:
             if task_id in self._cancelled:
                 outcome = _CANCELLED
-            else:
-                try:
-                    outcome = await self._deliver(started)
-                except Exception as exc:  # whatever went wrong, the task ends and its line moves
-                    logger.exception("task %s could not run", task_id)
-                    outcome = TaskOutcome(
-                        error=f"the task could not run: {type(exc).__name__}: {exc}",
-                        error_type=type(exc).__name__,
-                    )
+            elif outcome is None:
+                outcome = await self._outcome(self._deliver(started), task_id)
             if outcome.snapshot is None:
                 return await self._finish(shard, started, outcome)
-            started = await shard.park_task(task_id, outcome)
+            started, outcome = await shard.park_task(task_id, outcome), None
         return None
+
+    async def _outcome(self, delivered: Awaitable[TaskOutcome], task_id: str) -> TaskOutcome:
+        try:
+            return await delivered
+        except Exception as exc:  # whatever went wrong, the task ends and its line moves
+            logger.exception("task %s could not run", task_id)
+            return TaskOutcome(
+                error=f"the task could not run: {type(exc).__name__}: {exc}",
+                error_type=type(exc).__name__,
+            )
 
     async def _finish(
         self, shard: ControlPlaneShard, started: StartedTask, outcome: TaskOutcome
@@ -417,20 +426,68 @@ class PublishingDriver(TaskDriver):
 
 
 class LocalDriver(TaskDriver):
-    """Runs each task in this process with `run_here`; if the process dies, the orchestrator
-    adopts the task once this driver is silent."""
+    """Runs each task in this process with `run_here(started, recorded)`; if the process dies,
+    the orchestrator adopts the task once this driver is silent. `recorded`, when not None,
+    is a future the run awaits before anything of it reaches the control plane (its events,
+    its child tasks, its inbox reads): it runs before its begin is answered (see `run_new`);
+    cancelled, the run is too."""
 
     def __init__(
         self,
         control_plane: ControlPlaneHandle,
-        run_here: Callable[[StartedTask], Awaitable[TaskOutcome]],
+        run_here: Callable[[StartedTask, asyncio.Future[None] | None], Awaitable[TaskOutcome]],
     ) -> None:
         super().__init__(control_plane, adopts_orphans=False)
         self._run_here = run_here
 
-    async def _deliver(self, started: StartedTask) -> TaskOutcome:
+    async def run_new(self, task: TaskDefinition) -> TaskResult:
+        """`run(task, handler=True)`, for the first task of a session that did not exist
+        before it (a workflow-server handler whose id was made here): nothing can be ahead of
+        it in its line, nor any state, so it runs at once, from no state, while its begin is
+        on its way (its latency is the longer of the two, not their sum). Its result and
+        outcome wait for the begin's answer; a begin that fails cancels the run."""
+        self.start()
+        return await asyncio.shield(self.in_background(self._run_new(task)))
+
+    async def _run_new(self, task: TaskDefinition) -> TaskResult:
+        shard = self._control_plane.for_session(task.session_id)
+        recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        running = TaskResult(
+            task_id=task.task_id,
+            session_id=task.session_id,
+            service_name=task.agent_id,
+            status=TaskStatus.RUNNING,
+            attempts=1,
+        )
+        task_id = task.task_id
+        with self._driving(task_id):
+            speculative = StartedTask(task=task, running=running)
+            delivered = asyncio.ensure_future(
+                self._outcome(self._deliver(speculative, recorded), task_id)
+            )
+            begun: StartedTask | TaskResult | None = None
+            try:
+                begun = await self._begin(shard, task, handler=True, queue=True)
+            finally:
+                if isinstance(begun, StartedTask):
+                    recorded.set_result(None)
+                else:  # refused, or not begun as it ran (it existed, say): the run stops
+                    recorded.cancel()
+                    delivered.cancel()
+            if isinstance(begun, StartedTask):
+                result = await self._drive(shard, begun, task_id, await delivered)
+            else:  # it runs as the control plane says, once the run above has stopped
+                with contextlib.suppress(asyncio.CancelledError):
+                    await delivered
+                started = await self._started(shard, task_id, begun)
+                result = await self._drive(shard, started, task_id)
+        return result or await shard.get_task(task.session_id, task_id)
+
+    async def _deliver(
+        self, started: StartedTask, recorded: asyncio.Future[None] | None = None
+    ) -> TaskOutcome:
         task_id = started.task.task_id
-        running = asyncio.ensure_future(self._run_here(started))
+        running = asyncio.ensure_future(self._run_here(started, recorded))
         self._in_flight[task_id] = running
         try:
             return await running

@@ -61,9 +61,11 @@ class HandlerRoutes:
         """Start a run of a new or finished handler; with `wait`, answer when it is final
         (200 completed, 500 failed or cancelled, the handler in the body), else at once."""
         try:
-            handler_id, task = await self._new_run(body)
+            handler_id, task, made_here = self._new_run(body)
             try:  # refused while the handler's last run is unfinished
-                if wait:
+                if wait and made_here:  # nothing can be ahead of it: it runs as it begins
+                    result = await self._driver.run_new(task)
+                elif wait:
                     result = await self._driver.run(task, handler=True)
                 else:
                     result, _ = await self._driver.submit(task, handler=True)
@@ -79,7 +81,9 @@ class HandlerRoutes:
         status = handler.http_status if wait else 200
         return JSONResponse(handler.model_dump(mode="json"), status_code=status)
 
-    async def _new_run(self, body: bytes) -> tuple[str, TaskDefinition]:
+    def _new_run(self, body: bytes) -> tuple[str, TaskDefinition, bool]:
+        """The handler's id, its run's task, and whether the id was made here (a new
+        handler)."""
         data = parse_json_body(body)
         if not isinstance(data, dict):
             raise InvalidRequestError("Invalid JSON body: expected an object")
@@ -94,6 +98,7 @@ class HandlerRoutes:
             self._workflow.start_event_class(**kwargs)
         except (ValidationError, TypeError) as exc:
             raise InvalidRequestError(f"Validation error for 'start_event': {exc}") from None
+        made_here = not data.get("handler_id")
         handler_id = data.get("handler_id") or new_handler_id()
         if not isinstance(handler_id, str) or not _HANDLER_ID.match(handler_id):
             raise InvalidRequestError(
@@ -103,7 +108,7 @@ class HandlerRoutes:
         task = TaskDefinition(
             input=json.dumps(kwargs), session_id=session_of(handler_id), agent_id=self._service_name
         )
-        return handler_id, task
+        return handler_id, task, made_here
 
     def describe(self, what: str) -> Response:
         """The workflow's start and stop event schemas, every event it knows, or its graph."""

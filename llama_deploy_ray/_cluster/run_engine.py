@@ -72,13 +72,19 @@ class RunEngine:
         if watcher is not None:
             watcher.put_nowait(None)
 
-    async def run(self, started: StartedTask) -> TaskOutcome:
-        """Run (or resume) the task from the state it starts from; its outcome."""
+    async def run(
+        self, started: StartedTask, recorded: asyncio.Future[None] | None = None
+    ) -> TaskOutcome:
+        """Run (or resume) the task from the state it starts from; its outcome. With
+        `recorded`, the task may not be recorded yet: nothing of the run reaches the control
+        plane before that future is done (see `LocalDriver`)."""
         task = started.task
         with task_logged(task.task_id, task.session_id or "", task.agent_id or ""):
-            return await self._run(started)
+            return await self._run(started, recorded)
 
-    async def _run(self, started: StartedTask) -> TaskOutcome:
+    async def _run(
+        self, started: StartedTask, recorded: asyncio.Future[None] | None
+    ) -> TaskOutcome:
         task, state, resume = started.task, started.state, started.resume
         ctx = None
         if state and not resume:
@@ -86,11 +92,17 @@ class RunEngine:
             # not from the alive time the session's earlier runs spent.
             state = with_fresh_run_clock(state)
         shard = self.control_plane.for_session(task.session_id)
-        events: Outbox[dict[str, Any]] = Outbox(
-            lambda batch: shard.append_events(task.task_id, batch), linger_s=STREAM_LINGER_S
-        )
+
+        async def append(batch: list[dict[str, Any]]) -> None:
+            if recorded is not None:
+                await recorded
+            await shard.append_events(task.task_id, batch)
+
+        events: Outbox[dict[str, Any]] = Outbox(append, linger_s=STREAM_LINGER_S)
 
         async def before_child() -> None:
+            if recorded is not None:  # a child names its parent, which must be recorded
+                await recorded
             # the child's events join the stream after this run's so far
             await events.flush()
             self.stop_watching(task.task_id)
@@ -110,7 +122,7 @@ class RunEngine:
             )
         finally:
             PARENT_RUN.reset(token)
-        run = _TaskRun(self, shard, task.task_id, handler, started.inbox_seq, events)
+        run = _TaskRun(self, shard, task.task_id, handler, started.inbox_seq, events, recorded)
         return await run.outcome(listen=resume, had_state=state is not None)
 
 
@@ -125,6 +137,7 @@ class _TaskRun:
         handler: WorkflowHandler,
         inbox_seq: int,
         events: Outbox[dict[str, Any]],
+        recorded: asyncio.Future[None] | None,
     ) -> None:
         self._engine = engine
         self._shard = shard  # the one that holds the task's session
@@ -135,6 +148,7 @@ class _TaskRun:
         self._listener: asyncio.Task[None] | None = None
         self._snapshot: dict[str, Any] | None = None
         self._events = events
+        self._recorded = recorded  # see `RunEngine.run`
 
     async def outcome(self, *, listen: bool, had_state: bool) -> TaskOutcome:
         if listen:
@@ -207,6 +221,8 @@ class _TaskRun:
 
     async def _listen(self) -> None:
         engine = self._engine
+        if self._recorded is not None:  # the task's inbox is on its record
+            await self._recorded
         while True:
             batch = await self._shard.read_inbox(
                 self._task_id, self._inbox_seq, engine.input_hold_s
