@@ -61,7 +61,9 @@ class Sizes:
     def __init__(self, quick: bool) -> None:
         self.sequential = 10 if quick else 100
         self.levels = [1, 8] if quick else [1, 8, 50, 64, 256]
-        self.rounds = 2  # runs per session at each concurrency level
+        # runs at each concurrency level, at least two per session: a level's tasks/s is a
+        # rate over many runs, not one run's latency (with one session, 2 runs were)
+        self.runs_per_level = 16 if quick else 200
         self.memory_tasks = 200 if quick else 10_000
         self.seed_levels = [1, 8, 50]
 
@@ -108,29 +110,31 @@ def system_cpu_s() -> float:
 async def throughput(
     makers: dict[str, Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]],
     levels: list[int],
-    rounds: int,
+    runs_per_level: int,
 ) -> dict[str, dict[str, float]]:
-    """Tasks/s of each system with `level` sessions running `rounds` runs each at once. At each
-    level the systems take turns, twice, and each keeps its better figure: load from elsewhere
-    on the machine only ever lowers a figure. Also each system's CPU per task over all its
-    timed runs (`cpu_ms_per_task`; not for `in_process`, which runs in the client)."""
+    """Tasks/s of each system with `level` sessions running at once, `runs_per_level` runs
+    in all (at least two each). At each level the systems take turns, twice, and each keeps
+    its better figure: load from elsewhere on the machine only ever lowers a figure. Also each
+    system's CPU per task over all its timed runs (`cpu_ms_per_task`; not for `in_process`,
+    which runs in the client)."""
     figures: dict[str, dict[str, float]] = {name: {} for name in makers}
     cpu_s = dict.fromkeys(makers, 0.0)
     tasks = dict.fromkeys(makers, 0)
 
-    async def loop(run: Callable[[], Awaitable[Any]]) -> None:
+    async def loop(run: Callable[[], Awaitable[Any]], rounds: int) -> None:
         for _ in range(rounds):
             await run()
 
     for level in levels:
         key = f"tasks_per_s@{level}"
+        rounds = max(2, -(-runs_per_level // level))
         sessions = {name: [await make() for _ in range(level)] for name, make in makers.items()}
         for runs in sessions.values():
             await asyncio.gather(*(run() for run in runs))  # warm up: connections, replicas
         for _ in range(2):
             for name, runs in sessions.items():
                 start, cpu_start = time.perf_counter(), system_cpu_s()
-                await asyncio.gather(*(loop(run) for run in runs))
+                await asyncio.gather(*(loop(run, rounds) for run in runs))
                 rate = level * rounds / (time.perf_counter() - start)
                 cpu_s[name] += system_cpu_s() - cpu_start
                 tasks[name] += level * rounds
@@ -298,7 +302,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                 # the sync client's throughput is the async client's
                 makers = {s: make for s, make in sessions.items() if s != "ours_sync_client"}
                 for system, figures in (
-                    await throughput(makers, sizes.levels, sizes.rounds)
+                    await throughput(makers, sizes.levels, sizes.runs_per_level)
                 ).items():
                     row[system] |= figures
                 results[name] = row
@@ -493,7 +497,7 @@ async def _measure_ws_api(base_url: str, sizes: Sizes) -> dict[str, float]:
             return lambda: http.post(url, json=body)
 
         row = (await latencies({"server": await session()}, sizes.sequential))["server"]
-        row |= (await throughput({"server": session}, sizes.levels, sizes.rounds))["server"]
+        row |= (await throughput({"server": session}, sizes.levels, sizes.runs_per_level))["server"]
         return row
 
 
