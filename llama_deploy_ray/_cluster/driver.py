@@ -474,11 +474,11 @@ class LocalDriver(TaskDriver):
                 else:  # refused, or not begun as it ran (it existed, say): the run stops
                     recorded.cancel()
                     delivered.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await delivered
             if isinstance(begun, StartedTask):
                 result = await self._drive(shard, begun, task_id, await delivered)
-            else:  # it runs as the control plane says, once the run above has stopped
-                with contextlib.suppress(asyncio.CancelledError):
-                    await delivered
+            else:  # it runs as the control plane says
                 started = await self._started(shard, task_id, begun)
                 result = await self._drive(shard, started, task_id)
         return result or await shard.get_task(task.session_id, task_id)
