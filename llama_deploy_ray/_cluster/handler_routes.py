@@ -98,8 +98,9 @@ class HandlerRoutes:
             self._workflow.start_event_class(**kwargs)
         except (ValidationError, TypeError) as exc:
             raise InvalidRequestError(f"Validation error for 'start_event': {exc}") from None
-        made_here = not data.get("handler_id")
-        handler_id = data.get("handler_id") or new_handler_id()
+        handler_id = data.get("handler_id")
+        made_here = not handler_id
+        handler_id = handler_id or new_handler_id()
         if not isinstance(handler_id, str) or not _HANDLER_ID.match(handler_id):
             raise InvalidRequestError(
                 f"handler_id {handler_id!r} must match {HANDLER_ID_PATTERN} (it names a session)"
