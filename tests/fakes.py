@@ -26,5 +26,5 @@ class ActorLike:
 
 async def begin(control_plane: Any, task: Any, owner: str, queue: bool = True) -> Any:
     """A `ControlPlane`'s `begin_tasks` for one task, as a driver begins it: its answer."""
-    (answer,) = await control_plane.begin_tasks([(task, owner, False, False, queue)])
+    (answer,) = await control_plane.begin_tasks([(task, owner, False, False, queue, None)])
     return answer

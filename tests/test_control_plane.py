@@ -69,7 +69,9 @@ async def test_outcomes_recorded_together_move_each_line_on_and_name_unknown_tas
     assert not waiting.done()  # in its session's line behind tasks[0]
 
     outcomes = {t.task_id: TaskOutcome(result=i, state={"n": i}) for i, t in enumerate(tasks)}
-    problems = await control_plane.finish_tasks({**outcomes, "gone": TaskOutcome(result=0)})
+    problems = (
+        await control_plane.finish_tasks({**outcomes, "gone": TaskOutcome(result=0)})
+    ).problems
 
     assert len(problems) == 1 and "gone" in problems[0]
     for i, task in enumerate(tasks):

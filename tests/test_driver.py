@@ -16,7 +16,13 @@ from llama_deploy_ray._cluster.control_plane import ControlPlane
 from llama_deploy_ray._cluster.driver import LocalDriver
 from llama_deploy_ray._shared import retry
 from llama_deploy_ray._shared.errors import ControlPlaneUnavailableError, ServiceNotFoundError
-from llama_deploy_ray._shared.types import ServiceDefinition, StartedTask, TaskOutcome, TaskStatus
+from llama_deploy_ray._shared.types import (
+    DriverNotice,
+    ServiceDefinition,
+    StartedTask,
+    TaskOutcome,
+    TaskStatus,
+)
 
 from .fakes import ActorLike
 
@@ -172,3 +178,99 @@ async def test_a_new_handlers_run_starts_before_its_begin_is_answered() -> None:
     assert seen[-1] == "unrecorded"  # it ran, waited for its record, and was cancelled
     assert refused.task_id not in driver._in_flight  # and left nothing behind
     await driver.drain()
+
+
+async def test_a_sessions_next_run_starts_from_the_state_its_last_run_here_left() -> None:
+    """A replica's driver keeps the state its own runs leave once the control plane says it is
+    the session's latest: the session's next run there starts from it before its begin is
+    answered. A task of the session that begins elsewhere makes the control plane tell it so;
+    a run that started from a state no longer the latest (that word did not arrive in time)
+    is cancelled before anything of it is recorded, and runs again from the latest."""
+    control_plane, session_id = await _control_plane()
+    deaf = False  # when set, the first driver does not hear that its state is stale
+
+    class SlowBegin:
+        def __getattr__(self, name: str) -> object:
+            return getattr(control_plane, name)
+
+        async def begin_tasks(self, begins: list) -> list:
+            await asyncio.sleep(0.2)
+            return await control_plane.begin_tasks(begins)
+
+        async def watch_driver(self, *args: object) -> DriverNotice:
+            notice = await control_plane.watch_driver(*args)
+            return notice.model_copy(update={"stale_states": []}) if deaf else notice
+
+    # each run: (task id, the state's n it started from, run ahead of its begin, recorded yet)
+    runs: list[tuple[str, int, bool, bool]] = []
+
+    async def run_here(started: StartedTask, recorded: asyncio.Future[None] | None) -> TaskOutcome:
+        n = (started.state or {}).get("n", 0)
+        task_id = started.task.task_id
+        runs.append((task_id, n, recorded is not None, task_id in control_plane._tasks))
+        if recorded is not None:
+            await recorded
+        if started.task.run_kwargs.get("stateless"):
+            return TaskOutcome(result=0)
+        return TaskOutcome(result=n + 1, state={"n": n + 1})
+
+    def driver() -> LocalDriver:
+        shard = ControlPlaneShard(ActorLike(SlowBegin()))  # type: ignore[arg-type]
+        return LocalDriver(ControlPlaneHandle([shard]), run_here)
+
+    here, elsewhere = driver(), driver()
+
+    async def holds(state: dict | None) -> None:
+        for _ in range(50):
+            assert here._held is not None
+            held = here._held._entries.get((session_id, "svc"), ("", None, ""))[1]
+            if (held and held[1]) == state:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the driver never held {state}")
+
+    async def run(
+        driver: LocalDriver, session: str = session_id, **kwargs: object
+    ) -> tuple[str, object]:
+        task = TaskDefinition(input=json.dumps(kwargs), agent_id="svc", session_id=session)
+        result = await asyncio.wait_for(driver.run(task), 5)
+        assert result.status is TaskStatus.COMPLETED, result
+        return task.task_id, result.result
+
+    first = await run(here)  # nothing held yet: the ordinary way
+    assert runs[-1] == (first[0], 0, False, True) and first[1] == 1
+    await holds({"n": 1})
+    second = await run(here)
+    assert runs[-1] == (second[0], 1, True, False) and second[1] == 2  # ran before recorded
+    await holds({"n": 2})
+
+    third = await run(elsewhere)
+    assert third[1] == 3
+    await holds(None)  # told its state is no longer the latest
+    fourth = await run(here)
+    assert runs[-1] == (fourth[0], 3, False, True) and fourth[1] == 4
+    await holds({"n": 4})
+
+    deaf = True
+    assert (await run(elsewhere))[1] == 5
+    sixth = await run(here)  # from {"n": 4}, held still: cancelled, then from the latest
+    assert [r for r in runs if r[0] == sixth[0]] == [
+        (sixth[0], 4, True, False),
+        (sixth[0], 5, False, True),
+    ]
+    assert sixth[1] == 6
+    recorded = await control_plane.get_task(session_id, sixth[0])
+    assert recorded.attempts == 1 and recorded.result == 6
+    assert (await control_plane.get_session_state(session_id))["svc"] == {"n": 6}
+
+    # a workflow that keeps no state: the session's state is "none yet", held all the same
+    stateless = (await control_plane.create_session()).session_id
+    assert (await run(here, stateless, stateless=True))[1] == 0
+    for _ in range(50):
+        if here._held._entries.get((stateless, "svc"), ("", None, ""))[1] == ("", None):
+            break
+        await asyncio.sleep(0.1)
+    again = await run(here, stateless, stateless=True)
+    assert runs[-1] == (again[0], 0, True, False)
+    await here.drain()
+    await elsewhere.drain()

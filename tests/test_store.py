@@ -92,13 +92,13 @@ async def test_a_handlers_first_run_creates_its_session_in_the_same_commit(
     await plane.register_service(ServiceDefinition(service_name="svc"))
     before = (await plane.sizes())["store_commits"]
     task = TaskDefinition(input="{}", agent_id="svc", session_id="handler-new")
-    (started,) = await plane.begin_tasks([(task, "d", False, True, True)])
+    (started,) = await plane.begin_tasks([(task, "d", False, True, True, None)])
     assert isinstance(started, StartedTask) and started.state is None
     assert (await plane.sizes())["store_commits"] - before == 1
     assert (await control_plane(store).get_session("handler-new")).task_ids == [task.task_id]
     # a task that is not a handler's run names an existing session
     other = TaskDefinition(input="{}", agent_id="svc", session_id="never-made")
-    (refused,) = await plane.begin_tasks([(other, "d", False, False, True)])
+    (refused,) = await plane.begin_tasks([(other, "d", False, False, True, None)])
     assert isinstance(refused, SessionNotFoundError)
 
 
@@ -122,6 +122,22 @@ async def test_a_finished_task_sent_again_is_not_applied_twice(tmp_path: Path) -
     result = await again.get_task("s", task_id)
     assert (result.status, result.result) == (TaskStatus.COMPLETED, 1)
     assert await again.get_session_state("s") == {"svc": {"n": 1}}
+
+
+async def test_a_state_loaded_from_the_store_is_held_by_no_driver(tmp_path: Path) -> None:
+    """Which task left a state is not stored: a restarted control plane never says a stored
+    state is 'none yet', nor that a driver's outcome left it, so no replica runs a task ahead
+    from a state it does not have; the task starts from the stored state."""
+    store = str(tmp_path / "state.sqlite3")
+    await one_finished_task(store, "s")
+    again = control_plane(store)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id="s")
+    (started,) = await again.begin_tasks([(task, "d", False, False, True, "")])
+    assert isinstance(started, StartedTask) and started.state == {"n": 1}
+    assert started.state_from not in ("", task.task_id)
+    answer = await again.finish_tasks({task.task_id: TaskOutcome(result=2)}, hold_states=True)
+    ((_, _, _, state_from),) = answer.latest_states
+    assert state_from == started.state_from  # a stateless outcome left the stored state
 
 
 async def test_deleted_records_leave_the_store(tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ class ControlPlaneShard(_Handle):
     def __init__(self, actor: ActorHandle, shard: int = 0) -> None:
         super().__init__(actor, f"control plane (shard {shard})")
         self._begins: Batcher[
-            tuple[TaskDefinition, str, bool, bool, bool],
+            tuple[TaskDefinition, str, bool, bool, bool, str | None],
             StartedTask | TaskResult | LlamaDeployError | None,
         ] = Batcher(self._begin_tasks)
 
@@ -196,17 +196,18 @@ class ControlPlaneShard(_Handle):
         handler: bool = False,
         queue: bool = True,
         resent: bool = False,
+        held: str | None = None,
     ) -> StartedTask | TaskResult | None:
         """The control plane's `begin_tasks` for one task: begins asked while a call is on its
         way go together in the next call (under load, one call begins many tasks). `resent`:
-        an earlier begin of it got no answer."""
-        answer = await self._begins.ask((task, owner, handler, queue, resent))
+        an earlier begin of it got no answer; `held`: as in `begin_tasks`."""
+        answer = await self._begins.ask((task, owner, handler, queue, resent, held))
         if isinstance(answer, LlamaDeployError):
             raise answer
         return answer
 
     async def _begin_tasks(
-        self, begins: list[tuple[TaskDefinition, str, bool, bool, bool]]
+        self, begins: list[tuple[TaskDefinition, str, bool, bool, bool, str | None]]
     ) -> list[StartedTask | TaskResult | LlamaDeployError | None]:
         sent = 0
 
@@ -215,8 +216,8 @@ class ControlPlaneShard(_Handle):
             sent += 1  # a call sent again says so: the tasks it may have begun are its own
             return self._actor.begin_tasks.remote(
                 [
-                    (task, owner, resent or sent > 1, handler, queue)
-                    for task, owner, handler, queue, resent in begins
+                    (task, owner, resent or sent > 1, handler, queue, held)
+                    for task, owner, handler, queue, resent, held in begins
                 ]
             )
 
@@ -264,9 +265,11 @@ class ControlPlaneShard(_Handle):
     async def finish_task(self, task_id: str, outcome: TaskOutcome) -> TaskResult:
         return await self._call(functools.partial(self._actor.finish_task.remote, task_id, outcome))
 
-    def finish_tasks_ref(self, outcomes: dict[str, TaskOutcome]) -> ray.ObjectRef:
-        """`finish_tasks`, sent now; its ref resolves to what could not be recorded."""
-        return self._actor.finish_tasks.remote(outcomes)
+    def finish_tasks_ref(
+        self, outcomes: dict[str, TaskOutcome], hold_states: bool
+    ) -> ray.ObjectRef:
+        """`finish_tasks`, sent now; its ref resolves to its `FinishedTasks`."""
+        return self._actor.finish_tasks.remote(outcomes, hold_states)
 
     async def get_task(
         self, session_id: str | None, task_id: str, wait_s: float = 0.0

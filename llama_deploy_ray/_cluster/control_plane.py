@@ -43,6 +43,7 @@ import math
 import resource
 import sys
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -60,6 +61,7 @@ from .._shared.errors import (
 from .._shared.events import TYPE_KEY, EventBatch, EventLog
 from .._shared.types import (
     DriverNotice,
+    FinishedTasks,
     ServiceDefinition,
     SessionDefinition,
     StartedTask,
@@ -83,6 +85,7 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
+_LOADED_STATE = "(loaded from the store)"  # no task id looks like this
 _UNFINISHED = (TaskStatus.PENDING.value, TaskStatus.RUNNING.value, TaskStatus.WAITING.value)
 _PairKey = tuple[str, str]
 _Key = tuple[Table, str]
@@ -94,12 +97,17 @@ class _Session:
         self.order = order
         self.task_ids: dict[str, None] = {}  # in submission order
         self.state: dict[str, dict[str, Any]] = {}
+        # per service: the task whose outcome left its state, and the driver told it holds
+        # that state as the latest (see `finish_tasks`); neither is stored, both start empty
+        self.state_from: dict[str, str] = {}
+        self.held_by: dict[str, str] = {}
         self.last_active = time.monotonic()
 
 
 class _Driver:
     def __init__(self) -> None:
         self.cancelled: list[str] = []  # its running tasks cancelled since its last watch
+        self.stale_states: list[tuple[str, str]] = []  # (session, service) since then
         self.wake = asyncio.Event()
         self.watching = 0
         self.last_seen = time.monotonic()
@@ -164,6 +172,7 @@ class ControlPlane:
         shards: int = 1,
     ) -> None:
         self._shards = shards
+        self._incarnation = uuid.uuid4().hex
         self._task_retention_s = task_retention_s
         self._session_retention_s = session_retention_s
         self._state_secret = state_secret
@@ -295,7 +304,7 @@ class ControlPlane:
 
     async def delete_session(self, session_id: str) -> None:
         session = self._session(session_id)
-        del self._sessions[session_id]
+        self._forget_session(session)
         changed: list[_Key] = [("session", session_id)]
         changed += [("state", _state_key(session_id, s)) for s in session.state]
         for task_id in session.task_ids:
@@ -380,6 +389,7 @@ class ControlPlane:
             self._mark(("task", parent.definition.task_id))
         self._tasks[task.task_id] = record
         session.task_ids[task.task_id] = None
+        self._outdate_held_state(session, service_name, owner)
         session.last_active = time.monotonic()
         line = self._lines.setdefault((session.definition.session_id, service_name), deque())
         line.append(task.task_id)
@@ -398,27 +408,35 @@ class ControlPlane:
         return started
 
     async def begin_tasks(
-        self, begins: list[tuple[TaskDefinition, str, bool, bool, bool]]
+        self, begins: list[tuple[TaskDefinition, str, bool, bool, bool, str | None]]
     ) -> list[StartedTask | TaskResult | LlamaDeployError | None]:
-        """For each `(task, owner, resent, handler, queue)`: `create_task`, and `start_task`
-        when the task's turn has come, all in one call and one commit. Each answer is the task
-        started (`StartedTask`); its pending result when it waits for its turn (its driver
-        starts it with `start_task`); None for a task that already existed (a client's retry:
-        the first request's driver runs it), or that would wait for its turn when `queue` is
-        false (then it is not recorded); or the error that refused it. `resent` says the driver
-        sends this call again because it got no answer (the control plane restarted): the task
-        it may have begun is its own. `handler` as in `create_task`."""
+        """For each `(task, owner, resent, handler, queue, held)`: `create_task`, and
+        `start_task` when the task's turn has come, all in one call and one commit. Each answer
+        is the task started (`StartedTask`); its pending result when it waits for its turn (its
+        driver starts it with `start_task`); None for a task that already existed (a client's
+        retry: the first request's driver runs it), or that would wait for its turn when
+        `queue` is false (then it is not recorded); or the error that refused it. `resent` says
+        the driver sends this call again because it got no answer (the control plane
+        restarted): the task it may have begun is its own. `handler` as in `create_task`.
+        `held`: the driver holds the state task `held` left ('' for none); if the task starts
+        from that state, it is not sent back."""
         answers: list[StartedTask | TaskResult | LlamaDeployError | None] = []
-        for task, owner, resent, handler, queue in begins:
+        for task, owner, resent, handler, queue, held in begins:
             try:
-                answers.append(self._begin(task, owner, resent, handler, queue))
+                answers.append(self._begin(task, owner, resent, handler, queue, held))
             except LlamaDeployError as exc:
                 answers.append(exc)
         await self._persist(*(("task", task.task_id) for task, *_ in begins))
         return answers
 
     def _begin(
-        self, task: TaskDefinition, owner: str, resent: bool, handler: bool, queue: bool
+        self,
+        task: TaskDefinition,
+        owner: str,
+        resent: bool,
+        handler: bool,
+        queue: bool,
+        held: str | None,
     ) -> StartedTask | TaskResult | None:
         existing = self._tasks.get(task.task_id)
         line = self._lines.get((task.session_id or "", task.agent_id or ""))
@@ -429,9 +447,9 @@ class ControlPlane:
             return None
         if not record.turn.is_set():
             return record.result
-        return self._start(record, owner)
+        return self._start(record, owner, held)
 
-    def _start(self, record: _Task, owner: str) -> StartedTask | None:
+    def _start(self, record: _Task, owner: str, held: str | None = None) -> StartedTask | None:
         if record.result.status.is_final or record.owner != owner:
             return None
         if not record.result.attempts:
@@ -439,9 +457,13 @@ class ControlPlane:
                 record.result.service_name or "", time.time() - record.result.created_at
             )
         record.update(status=TaskStatus.RUNNING, attempts=record.result.attempts + 1)
+        service_name = record.result.service_name or ""
         session = self._sessions.get(record.definition.session_id or "")
-        state = session.state.get(record.result.service_name or "") if session else None
-        return StartedTask(task=record.definition, running=record.result, state=state)
+        state_from = session.state_from.get(service_name, "") if session else ""
+        state = session.state.get(service_name) if session and held != state_from else None
+        return StartedTask(
+            task=record.definition, running=record.result, state=state, state_from=state_from
+        )
 
     async def record_retry(self, task_id: str) -> None:
         record = self._task(task_id)
@@ -533,17 +555,31 @@ class ControlPlane:
         await self._persist()
         return record.result
 
-    async def finish_tasks(self, outcomes: dict[str, TaskOutcome]) -> list[str]:
-        """`finish_task` for each task, in one call and one commit; returns what could not be
-        recorded (a task this control plane does not know: it was forgotten since)."""
-        problems = []
+    async def finish_tasks(
+        self, outcomes: dict[str, TaskOutcome], hold_states: bool = False
+    ) -> FinishedTasks:
+        """`finish_task` for each task, in one call and one commit; answers what could not be
+        recorded (a task this control plane does not know: it was forgotten since). With
+        `hold_states`, the driver keeps the states these outcomes leave: for the tasks with no
+        task of their session and service behind them, the answer says which task left that
+        state, and the driver is told (`watch_driver`) once a task of that session and service
+        is created elsewhere."""
+        answer = FinishedTasks(incarnation=self._incarnation)
         for task_id, outcome in outcomes.items():
             try:
-                self._finish(task_id, outcome)
+                record = self._finish(task_id, outcome)
             except TaskNotFoundError as exc:
-                problems.append(f"task {task_id}: {exc}")
+                answer.problems.append(f"task {task_id}: {exc}")
+                continue
+            session_id = record.definition.session_id or ""
+            service_name = record.result.service_name or ""
+            session = self._sessions.get(session_id)
+            if hold_states and session and (session_id, service_name) not in self._lines:
+                session.held_by[service_name] = record.owner
+                state_from = session.state_from.get(service_name, "")
+                answer.latest_states.append((session_id, service_name, task_id, state_from))
         await self._persist()
-        return problems
+        return answer
 
     def _finish(self, task_id: str, outcome: TaskOutcome) -> _Task:
         record = self._task(task_id)
@@ -554,6 +590,7 @@ class ControlPlane:
         session = self._sessions.get(session_id)
         if session is not None and outcome.state is not None:
             session.state[service_name or ""] = outcome.state
+            session.state_from[service_name or ""] = task_id
             self._mark(("state", _state_key(session_id, service_name or "")))
         self._close(record, **outcome.final_fields())
         self._mark(("task", task_id))
@@ -609,18 +646,24 @@ class ControlPlane:
         driver = self._heard_from(driver_id)
         driver.watching += 1
         try:
-            if not driver.cancelled:
+            if not (driver.cancelled or driver.stale_states):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(driver.wake.wait(), timeout=wait_s)
         finally:
             driver.watching -= 1
             driver.last_seen = time.monotonic()
         cancelled, driver.cancelled = driver.cancelled, []
+        stale_states, driver.stale_states = driver.stale_states, []
         driver.wake.clear()
         orphaned = self._adopt_orphans(driver_id) if adopt_orphans else []
         if orphaned:  # a watch that changed nothing commits nothing (every 5 s, every driver)
             await self._persist(*(("task", t) for t in orphaned))
-        return DriverNotice(cancelled=cancelled, orphaned=orphaned)
+        return DriverNotice(
+            incarnation=self._incarnation,
+            cancelled=cancelled,
+            orphaned=orphaned,
+            stale_states=stale_states,
+        )
 
     # the store
 
@@ -732,6 +775,8 @@ class ControlPlane:
             session_id, service_name = key.split("/", 1)
             if session_id in self._sessions:
                 self._sessions[session_id].state[service_name] = json.loads(text)
+                # which task left it is not stored: no driver holds it (see `finish_tasks`)
+                self._sessions[session_id].state_from[service_name] = _LOADED_STATE
         finished = []
         for stored in sorted(
             map(StoredTask.model_validate_json, tables["task"].values()), key=_order
@@ -798,6 +843,20 @@ class ControlPlane:
         driver.last_seen = time.monotonic()
         return driver
 
+    def _forget_session(self, session: _Session) -> None:
+        del self._sessions[session.definition.session_id]
+        for service_name in list(session.held_by):
+            self._outdate_held_state(session, service_name, owner="")
+
+    def _outdate_held_state(self, session: _Session, service_name: str, owner: str) -> None:
+        """A task of the session on the service was created by `owner`: a driver that holds
+        the state it starts from (see `finish_tasks`) no longer holds the latest."""
+        holder = session.held_by.pop(service_name, None)
+        driver = self._drivers.get(holder) if holder not in (None, owner) else None
+        if driver is not None:
+            driver.stale_states.append((session.definition.session_id, service_name))
+            driver.wake.set()
+
     def _adopt_orphans(self, owner: str) -> list[str]:
         now = time.monotonic()
         silent = {d for d, driver in self._drivers.items() if driver.silent(now) and d != owner}
@@ -847,7 +906,7 @@ class ControlPlane:
         for session_id, session in list(self._sessions.items()):
             idle = session.last_active < now - self._session_retention_s
             if idle and all(t not in self._tasks for t in session.task_ids):
-                del self._sessions[session_id]
+                self._forget_session(session)
                 self._mark(("session", session_id))
                 self._mark(*(("state", _state_key(session_id, s)) for s in session.state))
         if len(self._sessions) < before:

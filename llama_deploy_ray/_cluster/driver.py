@@ -32,16 +32,23 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from .._shared.config import DRIVER_WATCH_S, RECORD_BUDGET_S, SimpleOrchestratorConfig
+from .._shared.config import (
+    DRIVER_WATCH_S,
+    HELD_STATES,
+    RECORD_BUDGET_S,
+    SimpleOrchestratorConfig,
+)
 from .._shared.errors import ControlPlaneUnavailableError
 from .._shared.retry import actor_unreachable, call_retrying
 from .._shared.types import (
+    FinishedTasks,
     QueueMessage,
     StartedTask,
     TaskDefinition,
@@ -62,13 +69,66 @@ class _Cancellable(Protocol):
     def cancel(self) -> Any: ...
 
 
+_Pair = tuple[str, str]  # (session id, service name)
+# a state: the task whose outcome left it ('' for no state yet) and the state (None for none)
+_Held = tuple[str, dict[str, Any] | None]
+
+
+class _HeldStates:
+    """The session states this driver's own runs left, each kept once the control plane said
+    it is its session's latest on the service, until it says otherwise (`forget`) or another
+    task of that session and service begins here. A run of such a session starts from it at
+    once, while its begin is on its way (see `LocalDriver`). At most `size` sessions, the
+    least recently used go first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        # per pair: the last task begun here; once the control plane said what state it left
+        # (which task left it, '' for none, and the state), that; and who said it (which
+        # incarnation of the control plane)
+        self._entries: OrderedDict[_Pair, tuple[str, _Held | None, str]] = OrderedDict()
+
+    def began(self, task: TaskDefinition) -> None:
+        pair = (task.session_id or "", task.agent_id or "")
+        self._entries[pair] = (task.task_id, None, "")
+        self._entries.move_to_end(pair)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def latest(self, pair: _Pair, task_id: str, held: _Held, incarnation: str) -> None:
+        """After `task_id` (begun here), the pair's state is `held`, said `incarnation`."""
+        if self._entries.get(pair, ("",))[0] == task_id:  # nothing of the pair began since
+            self._entries[pair] = (task_id, held, incarnation)
+
+    def take(self, task: TaskDefinition) -> _Held | None:
+        """The state the task's session left on its service, if held; the task begins here
+        (the state is held no more)."""
+        _, held, _ = self._entries.get((task.session_id or "", task.agent_id or ""), ("", None, ""))
+        if held is not None:
+            self.began(task)
+        return held
+
+    def forget(self, pair: _Pair) -> None:
+        if pair in self._entries:
+            self._entries[pair] = (self._entries[pair][0], None, "")
+
+    def forget_incarnation(self, incarnation: str) -> None:
+        """Forget what a control plane that has since restarted said."""
+        for pair, (_, _, said_by) in list(self._entries.items()):
+            if said_by == incarnation:
+                self.forget(pair)
+
+
 class TaskDriver:
     """What both kinds share: the control-plane side of driving, and cancellation."""
 
-    def __init__(self, control_plane: ControlPlaneHandle, *, adopts_orphans: bool) -> None:
+    def __init__(
+        self, control_plane: ControlPlaneHandle, *, adopts_orphans: bool, holds_states: bool
+    ) -> None:
         self.driver_id = uuid.uuid4().hex
         self._control_plane = control_plane
         self._adopts_orphans = adopts_orphans
+        self._held = _HeldStates(HELD_STATES) if holds_states else None
         # tasks this driver started, with their run (a replica call, a local task) once made
         self._in_flight: dict[str, _Cancellable | None] = {}
         # of those, the ones cancelled before their run was made
@@ -208,14 +268,21 @@ class TaskDriver:
         return result
 
     async def _begin(
-        self, shard: ControlPlaneShard, task: TaskDefinition, handler: bool, queue: bool
+        self,
+        shard: ControlPlaneShard,
+        task: TaskDefinition,
+        handler: bool,
+        queue: bool,
+        held: str | None = None,
     ) -> StartedTask | TaskResult | None:
         """`begin_task`; when the control plane stayed unreachable, the call may still have
         landed before it went, leaving the task this driver's and driven by nobody (the
         client's retry finds it, another driver's): then, in the background, this driver asks
         again until answered, and drives what it owns."""
+        if self._held is not None:
+            self._held.began(task)
         try:
-            return await shard.begin_task(task, self.driver_id, handler, queue)
+            return await shard.begin_task(task, self.driver_id, handler, queue, held=held)
         except ControlPlaneUnavailableError:
             self.in_background(self._begin_again(shard, task, handler, queue))
             raise
@@ -304,8 +371,12 @@ class TaskDriver:
         by_shard: dict[ControlPlaneShard, dict[str, TaskOutcome]] = {}
         for shard, task_id, outcome in batch:
             by_shard.setdefault(shard, {})[task_id] = outcome
+        hold = self._held is not None
         return asyncio.gather(
-            *(self._record(shard, o, shard.finish_tasks_ref(o)) for shard, o in by_shard.items())
+            *(
+                self._record(shard, o, shard.finish_tasks_ref(o, hold))
+                for shard, o in by_shard.items()
+            )
         )
 
     async def _record(
@@ -313,13 +384,13 @@ class TaskDriver:
     ) -> None:
         first: ray.ObjectRef | None = sent
 
-        async def record() -> list[str]:
+        async def record() -> FinishedTasks:
             nonlocal first
-            call, first = first or shard.finish_tasks_ref(batch), None
+            call, first = first or shard.finish_tasks_ref(batch, self._held is not None), None
             return await call  # unreachable (it restarts): the policy sends it again
 
         try:
-            problems = await call_retrying(record, actor_unreachable, budget_s=RECORD_BUDGET_S)
+            answer = await call_retrying(record, actor_unreachable, budget_s=RECORD_BUDGET_S)
         except Exception as exc:  # refused, or unreachable for the whole budget
             logger.error("the control plane did not record %d outcomes: %s", len(batch), exc)
             return
@@ -328,8 +399,15 @@ class TaskDriver:
                 recording = self._recording.pop(task_id, None)
                 if recording is not None:
                     recording.set_result(None)
-        for problem in problems:  # tasks a restarted control plane forgot
+        for problem in answer.problems:  # tasks a restarted control plane forgot
             logger.error("the control plane did not record an outcome: %s", problem)
+        if self._held is not None:
+            for session_id, service_name, task_id, state_from in answer.latest_states:
+                # its state is the one this outcome left, or none: else it is not known here
+                state = batch[task_id].state if state_from == task_id else None
+                if state is not None or state_from == "":
+                    pair = (session_id, service_name)
+                    self._held.latest(pair, task_id, (state_from, state), answer.incarnation)
 
     @contextlib.contextmanager
     def _driving(self, task_id: str) -> Iterator[None]:
@@ -349,6 +427,7 @@ class TaskDriver:
                 logger.warning("driver %s: heartbeat failed: %s", self.driver_id, exc)
 
     async def _watch(self, shard: ControlPlaneShard) -> None:
+        incarnation = ""
         while True:
             try:  # the handle watches again while the shard restarts
                 notice = await shard.watch_driver(
@@ -360,6 +439,12 @@ class TaskDriver:
                 continue
             for task_id in notice.cancelled:
                 self._cancel(task_id)
+            if self._held is not None:
+                if incarnation and notice.incarnation != incarnation:  # the shard restarted
+                    self._held.forget_incarnation(incarnation)
+                for pair in notice.stale_states:
+                    self._held.forget(pair)
+            incarnation = notice.incarnation
             for task_id in notice.orphaned:
                 logger.warning("task %s: its driver went silent, driving it again", task_id)
                 self.in_background(self._start_and_drive(shard, task_id))
@@ -377,7 +462,7 @@ class PublishingDriver(TaskDriver):
     """Publishes each task to a replica of its service, and retries when the replica died."""
 
     def __init__(self, control_plane: ControlPlaneHandle, config: SimpleOrchestratorConfig) -> None:
-        super().__init__(control_plane, adopts_orphans=True)
+        super().__init__(control_plane, adopts_orphans=True, holds_states=False)
         self._config = config
         self._queue = RayMessageQueue()
 
@@ -429,27 +514,44 @@ class LocalDriver(TaskDriver):
     """Runs each task in this process with `run_here(started, recorded)`; if the process dies,
     the orchestrator adopts the task once this driver is silent. `recorded`, when not None,
     is a future the run awaits before anything of it reaches the control plane (its events,
-    its child tasks, its inbox reads): it runs before its begin is answered (see `run_new`);
-    cancelled, the run is too."""
+    its child tasks, its inbox reads): it runs before its begin is answered (see
+    `_run_ahead`); cancelled, the run is too."""
 
     def __init__(
         self,
         control_plane: ControlPlaneHandle,
         run_here: Callable[[StartedTask, asyncio.Future[None] | None], Awaitable[TaskOutcome]],
     ) -> None:
-        super().__init__(control_plane, adopts_orphans=False)
+        super().__init__(control_plane, adopts_orphans=False, holds_states=True)
         self._run_here = run_here
+
+    async def run(self, task: TaskDefinition, handler: bool = False) -> TaskResult:
+        """`TaskDriver.run`; when this driver holds its session's latest state on the service
+        (its own last run there left it, and no task of that session and service began
+        elsewhere since), the task runs at once from it, while its begin is on its way."""
+        held = self._held.take(task) if self._held is not None else None
+        if held is None:
+            return await super().run(task, handler)
+        self.start()
+        return await asyncio.shield(self.in_background(self._run_ahead(task, handler, *held)))
 
     async def run_new(self, task: TaskDefinition) -> TaskResult:
         """`run(task, handler=True)`, for the first task of a session that did not exist
         before it (a workflow-server handler whose id was made here): nothing can be ahead of
         it in its line, nor any state, so it runs at once, from no state, while its begin is
-        on its way (its latency is the longer of the two, not their sum). Its result and
-        outcome wait for the begin's answer; a begin that fails cancels the run."""
+        on its way."""
         self.start()
-        return await asyncio.shield(self.in_background(self._run_new(task)))
+        return await asyncio.shield(self.in_background(self._run_ahead(task, True, "", None)))
 
-    async def _run_new(self, task: TaskDefinition) -> TaskResult:
+    async def _run_ahead(
+        self, task: TaskDefinition, handler: bool, held: str, state: dict[str, Any] | None
+    ) -> TaskResult:
+        """Run `task` from `state`, the state task `held` left ('' for none), while its begin
+        is on its way: its latency is the longer of the two, not their sum. Its result and
+        outcome wait for the begin's answer. Started from that same state, the run goes on;
+        otherwise (a task of its session began elsewhere meanwhile, the control plane restarted
+        and forgot, the begin failed) it is cancelled, and the task goes the ordinary way:
+        then the steps it ran will run again."""
         shard = self._control_plane.for_session(task.session_id)
         recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         running = TaskResult(
@@ -461,24 +563,31 @@ class LocalDriver(TaskDriver):
         )
         task_id = task.task_id
         with self._driving(task_id):
-            speculative = StartedTask(task=task, running=running)
+            ahead = StartedTask(task=task, running=running, state=state, state_from=held)
             delivered = asyncio.ensure_future(
-                self._outcome(self._deliver(speculative, recorded), task_id)
+                self._outcome(self._deliver(ahead, recorded), task_id)
             )
             begun: StartedTask | TaskResult | None = None
             try:
-                begun = await self._begin(shard, task, handler=True, queue=True)
+                begun = await self._begin(shard, task, handler, queue=True, held=held)
             finally:
-                if isinstance(begun, StartedTask):
+                from_held = isinstance(begun, StartedTask) and begun.state_from == held
+                if from_held:
                     recorded.set_result(None)
-                else:  # refused, or not begun as it ran (it existed, say): the run stops
+                else:
                     recorded.cancel()
                     delivered.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await delivered
-            if isinstance(begun, StartedTask):
+            if from_held:
+                assert isinstance(begun, StartedTask)
                 result = await self._drive(shard, begun, task_id, await delivered)
             else:  # it runs as the control plane says
+                if begun is not None:
+                    logger.info(
+                        "task %s: its session changed elsewhere; it runs again, from its state",
+                        task_id,
+                    )
                 started = await self._started(shard, task_id, begun)
                 result = await self._drive(shard, started, task_id)
         return result or await shard.get_task(task.session_id, task_id)

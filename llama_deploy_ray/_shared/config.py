@@ -49,6 +49,9 @@ STREAM_KEEPALIVE_S = 15.0
 # own client read) at most this late: a run that ends sooner sends them with its outcome, in
 # one call instead of two or three. The run's own client reads them live from the replica.
 STREAM_LINGER_S = 0.05
+# How many sessions' states a replica keeps from its own runs, to start their next run from at
+# once (see `LocalDriver`); the least recently used go first.
+HELD_STATES = 1024
 # How many sessions or tasks one page of a listing holds, at most.
 PAGE_SIZE = 1000
 # How often the control plane forgets what is past its retention, besides when tasks finish.

@@ -222,13 +222,37 @@ class StartedTask(BaseModel):
     task: TaskDefinition
     running: TaskResult = Field(description="The task's result as it started running.")
     state: dict[str, Any] | None = None
+    state_from: str | None = Field(
+        default=None,
+        description=(
+            "The id of the task whose outcome left `state` ('' for no state yet); `state` is "
+            "left out when the driver said it already holds that state (see `LocalDriver`)."
+        ),
+    )
     resume: bool = False
     inbox_seq: int = 0
 
 
 class DriverNotice(BaseModel):
-    """What the control plane tells a task driver: its running tasks that were cancelled, and
-    (to the orchestrator) tasks whose driver went silent, now its own."""
+    """What the control plane tells a task driver: its running tasks that were cancelled,
+    (to the orchestrator) tasks whose driver went silent, now its own, and (to a replica) the
+    session states it holds that are no longer the latest, `(session_id, service_name)` each.
+    `incarnation` names this run of the control plane actor: what an earlier one said of the
+    states a driver holds, a restarted one does not know."""
 
+    incarnation: str
     cancelled: list[str] = Field(default_factory=list)
     orphaned: list[str] = Field(default_factory=list)
+    stale_states: list[tuple[str, str]] = Field(default_factory=list)
+
+
+class FinishedTasks(BaseModel):
+    """The control plane's answer to outcomes sent together: what it could not record, and
+    (when the driver asked: see `LocalDriver`) for the tasks with no task of their session and
+    service behind them, which task left that session's state on the service ('' for none
+    yet), `(session_id, service_name, task_id, state_from)` each. `incarnation` as in
+    `DriverNotice`."""
+
+    incarnation: str
+    problems: list[str] = Field(default_factory=list)
+    latest_states: list[tuple[str, str, str, str]] = Field(default_factory=list)
