@@ -124,20 +124,22 @@ async def test_a_finished_task_sent_again_is_not_applied_twice(tmp_path: Path) -
     assert await again.get_session_state("s") == {"svc": {"n": 1}}
 
 
-async def test_a_state_loaded_from_the_store_is_held_by_no_driver(tmp_path: Path) -> None:
-    """Which task left a state is not stored: a restarted control plane never says a stored
-    state is 'none yet', nor that a driver's outcome left it, so no replica runs a task ahead
-    from a state it does not have; the task starts from the stored state."""
+async def test_a_state_loaded_from_the_store_is_not_taken_for_none(tmp_path: Path) -> None:
+    """Which task left a state is not stored: a restarted control plane says a stored state
+    came from the store, never that there is none yet (a replica would run a task ahead from
+    no state), and a driver that was sent it may then say it holds it."""
     store = str(tmp_path / "state.sqlite3")
     await one_finished_task(store, "s")
     again = control_plane(store)
     task = TaskDefinition(input="{}", agent_id="svc", session_id="s")
     (started,) = await again.begin_tasks([(task, "d", False, False, True, "")])
     assert isinstance(started, StartedTask) and started.state == {"n": 1}
-    assert started.state_from not in ("", task.task_id)
+    assert started.state_from not in ("", task.task_id, None)
     answer = await again.finish_tasks({task.task_id: TaskOutcome(result=2)}, hold_states=True)
-    ((_, _, _, state_from),) = answer.latest_states
-    assert state_from == started.state_from  # a stateless outcome left the stored state
+    assert answer.not_latest == []  # a stateless outcome: the stored state is still the latest
+    after = TaskDefinition(input="{}", agent_id="svc", session_id="s")
+    (held,) = await again.begin_tasks([(after, "d", False, False, True, started.state_from)])
+    assert isinstance(held, StartedTask) and held.state is None  # not sent: held there
 
 
 async def test_deleted_records_leave_the_store(tmp_path: Path) -> None:

@@ -295,10 +295,12 @@ class ControlPlaneShard(_Handle):
         return self._actor.heartbeat.remote(driver_id)
 
     async def watch_driver(
-        self, driver_id: str, wait_s: float, adopt_orphans: bool
+        self, driver_id: str, wait_s: float, adopt_orphans: bool, incarnation: str
     ) -> DriverNotice:
         return await self._call(
-            functools.partial(self._actor.watch_driver.remote, driver_id, wait_s, adopt_orphans)
+            functools.partial(
+                self._actor.watch_driver.remote, driver_id, wait_s, adopt_orphans, incarnation
+            )
         )
 
 

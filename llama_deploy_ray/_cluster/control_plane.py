@@ -560,24 +560,27 @@ class ControlPlane:
     ) -> FinishedTasks:
         """`finish_task` for each task, in one call and one commit; answers what could not be
         recorded (a task this control plane does not know: it was forgotten since). With
-        `hold_states`, the driver keeps the states these outcomes leave: for the tasks with no
-        task of their session and service behind them, the answer says which task left that
-        state, and the driver is told (`watch_driver`) once a task of that session and service
-        is created elsewhere."""
+        `hold_states`, the driver holds the states these outcomes leave: the answer says which
+        are not the latest, and the driver is told (`watch_driver`) once a task of the
+        session and service of one that is gets created elsewhere."""
         answer = FinishedTasks(incarnation=self._incarnation)
         for task_id, outcome in outcomes.items():
             try:
+                applied = not self._task(task_id).result.status.is_final
                 record = self._finish(task_id, outcome)
             except TaskNotFoundError as exc:
                 answer.problems.append(f"task {task_id}: {exc}")
+                answer.not_latest.append(task_id)
+                continue
+            if not hold_states:
                 continue
             session_id = record.definition.session_id or ""
             service_name = record.result.service_name or ""
             session = self._sessions.get(session_id)
-            if hold_states and session and (session_id, service_name) not in self._lines:
+            if applied and session and (session_id, service_name) not in self._lines:
                 session.held_by[service_name] = record.owner
-                state_from = session.state_from.get(service_name, "")
-                answer.latest_states.append((session_id, service_name, task_id, state_from))
+            else:
+                answer.not_latest.append(task_id)
         await self._persist()
         return answer
 
@@ -638,15 +641,18 @@ class ControlPlane:
         self._heard_from(driver_id)
 
     async def watch_driver(
-        self, driver_id: str, wait_s: float, adopt_orphans: bool = False
+        self, driver_id: str, wait_s: float, adopt_orphans: bool = False, incarnation: str = ""
     ) -> DriverNotice:
         """A driver's heartbeat: wait up to `wait_s` for one of its running tasks to be
-        cancelled, and return those. With `adopt_orphans`, also hand it the unfinished tasks
-        of drivers gone silent (presumed dead), oldest first, to drive again."""
+        cancelled, or a state it holds to be outdated (see `finish_tasks`), and return those.
+        With `adopt_orphans`, also hand it the unfinished tasks of drivers gone silent
+        (presumed dead), oldest first, to drive again. A driver that last heard from another
+        `incarnation` is answered at once: what that one said of its states no longer holds."""
         driver = self._heard_from(driver_id)
+        restarted = incarnation not in ("", self._incarnation)
         driver.watching += 1
         try:
-            if not (driver.cancelled or driver.stale_states):
+            if not (driver.cancelled or driver.stale_states or restarted):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(driver.wake.wait(), timeout=wait_s)
         finally:

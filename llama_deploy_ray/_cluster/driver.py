@@ -70,53 +70,60 @@ class _Cancellable(Protocol):
 
 
 _Pair = tuple[str, str]  # (session id, service name)
-# a state: the task whose outcome left it ('' for no state yet) and the state (None for none)
+# a state: the task whose outcome left it ('' for none yet) and the state (None for none)
 _Held = tuple[str, dict[str, Any] | None]
 
 
 class _HeldStates:
-    """The session states this driver's own runs left, each kept once the control plane said
-    it is its session's latest on the service, until it says otherwise (`forget`) or another
-    task of that session and service begins here. A run of such a session starts from it at
-    once, while its begin is on its way (see `LocalDriver`). At most `size` sessions, the
-    least recently used go first."""
+    """The session states this driver's own runs left: a state is held from when the outcome
+    that left it is sent until the control plane says it is not the latest (another task of
+    the session and service is behind it, or was created elsewhere since), or another task of
+    the session and service begins here. A run of such a session starts from it at once,
+    while its begin is on its way (see `LocalDriver`); the begin says which state it started
+    from, and the control plane checks it. At most `size` sessions, the least recently used
+    go first."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        # per pair: the last task begun here; once the control plane said what state it left
-        # (which task left it, '' for none, and the state), that; and who said it (which
-        # incarnation of the control plane)
-        self._entries: OrderedDict[_Pair, tuple[str, _Held | None, str]] = OrderedDict()
+        # per pair: the last task begun here, and once its outcome was sent, the state it left
+        self._entries: OrderedDict[_Pair, tuple[str, _Held | None]] = OrderedDict()
 
     def began(self, task: TaskDefinition) -> None:
         pair = (task.session_id or "", task.agent_id or "")
-        self._entries[pair] = (task.task_id, None, "")
+        self._entries[pair] = (task.task_id, None)
         self._entries.move_to_end(pair)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
-    def latest(self, pair: _Pair, task_id: str, held: _Held, incarnation: str) -> None:
-        """After `task_id` (begun here), the pair's state is `held`, said `incarnation`."""
-        if self._entries.get(pair, ("",))[0] == task_id:  # nothing of the pair began since
-            self._entries[pair] = (task_id, held, incarnation)
+    def left(self, started: StartedTask, outcome: TaskOutcome) -> None:
+        """The outcome of a task begun here is sent: hold the state it leaves."""
+        task = started.task
+        pair = (task.session_id or "", task.agent_id or "")
+        if self._entries.get(pair, ("",))[0] != task.task_id:
+            return  # another task of the pair began here since
+        if outcome.state is not None:
+            self._entries[pair] = (task.task_id, (task.task_id, outcome.state))
+        elif started.state_from is not None and not started.resume:
+            # the state is the one it started from (a run without state, a failed run)
+            self._entries[pair] = (task.task_id, (started.state_from, started.state))
 
     def take(self, task: TaskDefinition) -> _Held | None:
         """The state the task's session left on its service, if held; the task begins here
         (the state is held no more)."""
-        _, held, _ = self._entries.get((task.session_id or "", task.agent_id or ""), ("", None, ""))
+        _, held = self._entries.get((task.session_id or "", task.agent_id or ""), ("", None))
         if held is not None:
             self.began(task)
         return held
 
-    def forget(self, pair: _Pair) -> None:
-        if pair in self._entries:
-            self._entries[pair] = (self._entries[pair][0], None, "")
+    def forget(self, pair: _Pair, task_id: str | None = None) -> None:
+        """Forget the state of `pair` (only if `task_id` left it, when given)."""
+        last = self._entries.get(pair)
+        if last is not None and task_id in (None, last[0]):
+            self._entries[pair] = (last[0], None)
 
-    def forget_incarnation(self, incarnation: str) -> None:
-        """Forget what a control plane that has since restarted said."""
-        for pair, (_, _, said_by) in list(self._entries.items()):
-            if said_by == incarnation:
-                self.forget(pair)
+    def forget_all(self) -> None:
+        for pair in self._entries:
+            self.forget(pair)
 
 
 class TaskDriver:
@@ -129,6 +136,7 @@ class TaskDriver:
         self._control_plane = control_plane
         self._adopts_orphans = adopts_orphans
         self._held = _HeldStates(HELD_STATES) if holds_states else None
+        self._incarnations: dict[ControlPlaneShard, str] = {}  # the last each shard said
         # tasks this driver started, with their run (a replica call, a local task) once made
         self._in_flight: dict[str, _Cancellable | None] = {}
         # of those, the ones cancelled before their run was made
@@ -138,7 +146,7 @@ class TaskDriver:
         self._stopped = threading.Event()
         # one finish_tasks call in flight; outcomes ready meanwhile go together in the next:
         # under load, one control-plane call records many tasks
-        self._outcomes: Outbox[tuple[ControlPlaneShard, str, TaskOutcome]] = Outbox(
+        self._outcomes: Outbox[tuple[ControlPlaneShard, StartedTask, TaskOutcome]] = Outbox(
             self._send_outcomes, self.in_background
         )
         # tasks whose outcome was sent and not yet answered, each with its answer to come
@@ -360,27 +368,36 @@ class TaskDriver:
         # sent now, before the answer leaves this driver (else with the outcomes that follow
         # it, once the call on its way is acknowledged)
         self._recording[started.task.task_id] = asyncio.get_running_loop().create_future()
-        self._outcomes.put((shard, started.task.task_id, outcome))
+        self._outcomes.put((shard, started, outcome))
         return started.running.model_copy(
             update={**outcome.final_fields(), "finished_at": time.time()}
         )
 
     def _send_outcomes(
-        self, batch: list[tuple[ControlPlaneShard, str, TaskOutcome]]
+        self, batch: list[tuple[ControlPlaneShard, StartedTask, TaskOutcome]]
     ) -> Awaitable[Any]:
         by_shard: dict[ControlPlaneShard, dict[str, TaskOutcome]] = {}
-        for shard, task_id, outcome in batch:
-            by_shard.setdefault(shard, {})[task_id] = outcome
+        pairs: dict[str, _Pair] = {}
+        for shard, started, outcome in batch:
+            task = started.task
+            by_shard.setdefault(shard, {})[task.task_id] = outcome
+            pairs[task.task_id] = (task.session_id or "", task.agent_id or "")
+            if self._held is not None:  # sent before any begin after it: held from now
+                self._held.left(started, outcome)
         hold = self._held is not None
         return asyncio.gather(
             *(
-                self._record(shard, o, shard.finish_tasks_ref(o, hold))
+                self._record(shard, o, shard.finish_tasks_ref(o, hold), pairs)
                 for shard, o in by_shard.items()
             )
         )
 
     async def _record(
-        self, shard: ControlPlaneShard, batch: dict[str, TaskOutcome], sent: ray.ObjectRef
+        self,
+        shard: ControlPlaneShard,
+        batch: dict[str, TaskOutcome],
+        sent: ray.ObjectRef,
+        pairs: dict[str, _Pair],
     ) -> None:
         first: ray.ObjectRef | None = sent
 
@@ -402,12 +419,17 @@ class TaskDriver:
         for problem in answer.problems:  # tasks a restarted control plane forgot
             logger.error("the control plane did not record an outcome: %s", problem)
         if self._held is not None:
-            for session_id, service_name, task_id, state_from in answer.latest_states:
-                # its state is the one this outcome left, or none: else it is not known here
-                state = batch[task_id].state if state_from == task_id else None
-                if state is not None or state_from == "":
-                    pair = (session_id, service_name)
-                    self._held.latest(pair, task_id, (state_from, state), answer.incarnation)
+            self._heard_from_incarnation(shard, answer.incarnation)
+            for task_id in answer.not_latest:
+                self._held.forget(pairs[task_id], task_id)
+
+    def _heard_from_incarnation(self, shard: ControlPlaneShard, incarnation: str) -> None:
+        """A shard that restarted forgot which states this driver holds: forget them too."""
+        assert self._held is not None
+        known = self._incarnations.setdefault(shard, incarnation)
+        if known != incarnation:
+            self._incarnations[shard] = incarnation
+            self._held.forget_all()
 
     @contextlib.contextmanager
     def _driving(self, task_id: str) -> Iterator[None]:
@@ -427,11 +449,13 @@ class TaskDriver:
                 logger.warning("driver %s: heartbeat failed: %s", self.driver_id, exc)
 
     async def _watch(self, shard: ControlPlaneShard) -> None:
-        incarnation = ""
         while True:
             try:  # the handle watches again while the shard restarts
                 notice = await shard.watch_driver(
-                    self.driver_id, DRIVER_WATCH_S, self._adopts_orphans
+                    self.driver_id,
+                    DRIVER_WATCH_S,
+                    self._adopts_orphans,
+                    self._incarnations.get(shard, ""),
                 )
             except Exception:  # a watch that stops would strand cancels and orphans
                 logger.exception("driver %s: the watch failed; watching again", self.driver_id)
@@ -440,11 +464,9 @@ class TaskDriver:
             for task_id in notice.cancelled:
                 self._cancel(task_id)
             if self._held is not None:
-                if incarnation and notice.incarnation != incarnation:  # the shard restarted
-                    self._held.forget_incarnation(incarnation)
+                self._heard_from_incarnation(shard, notice.incarnation)
                 for pair in notice.stale_states:
                     self._held.forget(pair)
-            incarnation = notice.incarnation
             for task_id in notice.orphaned:
                 logger.warning("task %s: its driver went silent, driving it again", task_id)
                 self.in_background(self._start_and_drive(shard, task_id))
@@ -581,6 +603,7 @@ class LocalDriver(TaskDriver):
                         await delivered
             if from_held:
                 assert isinstance(begun, StartedTask)
+                begun.state = state  # left out of the answer: this driver holds it
                 result = await self._drive(shard, begun, task_id, await delivered)
             else:  # it runs as the control plane says
                 if begun is not None:

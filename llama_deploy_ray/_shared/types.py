@@ -248,11 +248,10 @@ class DriverNotice(BaseModel):
 
 class FinishedTasks(BaseModel):
     """The control plane's answer to outcomes sent together: what it could not record, and
-    (when the driver asked: see `LocalDriver`) for the tasks with no task of their session and
-    service behind them, which task left that session's state on the service ('' for none
-    yet), `(session_id, service_name, task_id, state_from)` each. `incarnation` as in
-    `DriverNotice`."""
+    (when the driver holds the states they leave: see `LocalDriver`) the tasks whose state is
+    not its session's latest on the service: another task of it is behind them, or the task
+    had ended before its outcome came. `incarnation` as in `DriverNotice`."""
 
     incarnation: str
     problems: list[str] = Field(default_factory=list)
-    latest_states: list[tuple[str, str, str, str]] = Field(default_factory=list)
+    not_latest: list[str] = Field(default_factory=list)
