@@ -191,3 +191,61 @@ async def test_its_timers_start_with_its_first_change_as_after_a_restart() -> No
     await control_plane.create_session()  # counted, not yet handed to Ray
     await asyncio.sleep(METRICS_REPORT_S * 1.5)
     assert not control_plane._metrics._counts  # the reporter handed it over
+
+
+async def test_a_held_state_is_checked_and_its_holder_told_when_it_is_outdated() -> None:
+    """A driver holds the state its outcome left: the control plane answers which outcomes
+    did not leave their session's latest, starts a task begun from the held state without
+    sending it back, refuses (sends the latest) a begin from another, and tells the holder
+    once a task of that session is created by another driver, or the session is deleted."""
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._shared.types import ServiceDefinition, StartedTask, TaskOutcome
+
+    control_plane = ControlPlane(task_retention_s=60, session_retention_s=60, state_secret=SECRET)
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+    session_id = (await control_plane.create_session()).session_id
+
+    def task() -> TaskDefinition:
+        return TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
+
+    async def notice(driver: str) -> list[tuple[str, str]]:
+        watched = await control_plane.watch_driver(driver, 0.05)
+        return watched.stale_states
+
+    first, queued = task(), task()
+    await begin(control_plane, first, "here")
+    await begin(control_plane, queued, "here")  # behind it: the state `first` leaves is not
+    answer = await control_plane.finish_tasks(
+        {first.task_id: TaskOutcome(result=1, state={"n": 1})}, hold_states=True
+    )
+    assert answer.not_latest == [first.task_id]
+    answer = await control_plane.finish_tasks(
+        {queued.task_id: TaskOutcome(result=2, state={"n": 2})}, hold_states=True
+    )
+    assert answer.not_latest == []
+
+    (started,) = await control_plane.begin_tasks(
+        [(task(), "here", False, False, True, queued.task_id)]
+    )
+    assert isinstance(started, StartedTask) and started.state_from == queued.task_id
+    assert started.state is None  # held there: not sent back
+    await control_plane.finish_tasks(
+        {started.task.task_id: TaskOutcome(result=3, state={"n": 3})}, hold_states=True
+    )
+    (stale,) = await control_plane.begin_tasks(
+        [(task(), "here", False, False, True, queued.task_id)]
+    )
+    assert isinstance(stale, StartedTask) and stale.state == {"n": 3}  # the latest, sent
+    await control_plane.finish_tasks({stale.task.task_id: TaskOutcome(result=4)}, hold_states=True)
+
+    assert await notice("here") == []
+    elsewhere = task()
+    await begin(control_plane, elsewhere, "elsewhere")
+    assert await notice("here") == [(session_id, "svc")]
+    assert await notice("here") == []  # said once
+    await control_plane.finish_task(elsewhere.task_id, TaskOutcome(result=0))
+    other = task()
+    await begin(control_plane, other, "here")
+    await control_plane.finish_tasks({other.task_id: TaskOutcome(result=5)}, hold_states=True)
+    await control_plane.delete_session(session_id)
+    assert await notice("here") == [(session_id, "svc")]

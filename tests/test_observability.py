@@ -162,6 +162,20 @@ async def test_prometheus_text_counts_every_task_once(
         every_s=2,
     )
     assert _sum(_scrape(), "store_rows_written_total") > rows
+    # a session's runs one after another: the replica starts each after the first ahead of its
+    # begin, from the state the one before left
+    async with AsyncLlamaDeployClient(control_plane_config) as client:
+        session = await client.create_session()
+        for word in ("one", "two", "three"):
+            await session.run("observed-json", word=word)
+    wait_for(
+        lambda: (
+            _sum(_scrape(), "runs_ahead_total", service="observed-json", outcome="started") >= 2
+        ),
+        timeout_s=60,
+        what="the runs started ahead of their begin",
+        every_s=2,
+    )
     # every shard reports its gauge: nothing is left unfinished here
     assert {s.labels["shard"] for s in _samples(samples, "tasks_unfinished")} == {"0", "1"}
     assert _sum(samples, "tasks_unfinished", service="observed-text") == 0

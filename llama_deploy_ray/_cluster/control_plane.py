@@ -445,9 +445,11 @@ class ControlPlane:
         record = self._create_task(task, owner, handler)  # refuses another task, same id
         if existing is not None and not (resent and existing.owner == owner):
             return None
-        if not record.turn.is_set():
-            return record.result
-        return self._start(record, owner, held)
+        answer = self._start(record, owner, held) if record.turn.is_set() else record.result
+        if held is not None:  # the run started ahead: from the latest state, or run again
+            ahead = isinstance(answer, StartedTask) and answer.state_from == held
+            self._metrics.run_ahead(task.agent_id or "", ahead)
+        return answer
 
     def _start(self, record: _Task, owner: str, held: str | None = None) -> StartedTask | None:
         if record.result.status.is_final or record.owner != owner:

@@ -32,6 +32,7 @@ METRICS: dict[str, str] = {
     f"{PREFIX}task_latency_seconds": "histogram",
     f"{PREFIX}task_queue_wait_seconds": "histogram",
     f"{PREFIX}tasks_unfinished": "gauge",
+    f"{PREFIX}runs_ahead_total": "counter",
     f"{PREFIX}events_streamed_total": "counter",
     f"{PREFIX}control_plane_calls_total": "counter",
     f"{PREFIX}store_commits_total": "counter",
@@ -77,6 +78,14 @@ class ControlPlaneMetrics:
             "their turn; running; waiting: for human input).",
             tag_keys=("shard", "service", "status"),
         )
+        self._ahead = counter(
+            "runs_ahead_total",
+            "Runs a replica started ahead of their begin, from the session state it held, by "
+            "service and outcome (started: that was the latest; run_again: it was not, and "
+            "the run started again from the latest).",
+            "service",
+            "outcome",
+        )
         self._events = counter(
             "events_streamed_total", "Events the workflows wrote to their streams.", "service"
         )
@@ -92,6 +101,7 @@ class ControlPlaneMetrics:
             self._latency,
             self._queue_wait,
             self._unfinished,
+            self._ahead,
             self._events,
             self._calls,
             self._commits,
@@ -111,6 +121,10 @@ class ControlPlaneMetrics:
     def task_finished(self, service: str, status: str, latency_s: float) -> None:
         self._counts[self._finished, (("service", service), ("status", status))] += 1
         self._latency.observe(latency_s, tags={"service": service})
+
+    def run_ahead(self, service: str, started: bool) -> None:
+        outcome = "started" if started else "run_again"
+        self._counts[self._ahead, (("service", service), ("outcome", outcome))] += 1
 
     def events_streamed(self, service: str, count: int) -> None:
         self._counts[self._events, (("service", service),)] += count
