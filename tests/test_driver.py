@@ -24,7 +24,7 @@ from llama_deploy_ray._shared.types import (
     TaskStatus,
 )
 
-from .fakes import ActorLike
+from .fakes import ActorLike, begin
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -262,6 +262,16 @@ async def test_a_sessions_next_run_starts_from_the_state_its_last_run_here_left(
     recorded = await control_plane.get_task(session_id, sixth[0])
     assert recorded.attempts == 1 and recorded.result == 6
     assert (await control_plane.get_session_state(session_id))["svc"] == {"n": 6}
+
+    # a nested call (`run_if_first`) runs ahead too; one that would wait for its turn behind a
+    # task begun elsewhere is cancelled, not recorded, and left to the orchestrator
+    await holds({"n": 6})
+    ahead_of_it = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
+    await begin(control_plane, ahead_of_it, "elsewhere")  # not heard of: `here` is deaf
+    nested = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
+    assert await asyncio.wait_for(here.run_if_first(nested), 5) is None
+    assert runs[-1] == (nested.task_id, 6, True, False)
+    assert nested.task_id not in control_plane._tasks
 
     # a workflow that keeps no state: the session's state is "none yet", held all the same
     stateless = (await control_plane.create_session()).session_id

@@ -783,7 +783,7 @@ class ControlPlane:
             session_id, service_name = key.split("/", 1)
             if session_id in self._sessions:
                 self._sessions[session_id].state[service_name] = json.loads(text)
-                # which task left it is not stored: no driver holds it (see `finish_tasks`)
+                # which task left it is not stored: a mark no task id equals, never "none yet"
                 self._sessions[session_id].state_from[service_name] = _LOADED_STATE
         finished = []
         for stored in sorted(

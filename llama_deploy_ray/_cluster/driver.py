@@ -6,7 +6,9 @@ the outcome; a task that waits for input is parked on the control plane. There a
 - `PublishingDriver` (the orchestrator) publishes each task to its service's topic and awaits
   the replica's answer, sending the task again when the replica died under it (`max_retries`);
 - `LocalDriver` (each workflow replica) runs the task in its own process: a `run` that reaches a
-  replica over HTTP costs one Serve hop, not two.
+  replica over HTTP costs one Serve hop, not two. It keeps the session states its own runs left
+  (`_HeldStates`): a session's next run there starts from its state at once, while its begin is
+  on its way, and the control plane checks that state was the latest.
 
 A task's result goes back to its caller once its outcome is sent to the control plane, not
 after the control plane acknowledged it (one round trip fewer per run), and outcomes that are
@@ -554,26 +556,50 @@ class LocalDriver(TaskDriver):
         held = self._held.take(task) if self._held is not None else None
         if held is None:
             return await super().run(task, handler)
-        self.start()
-        return await asyncio.shield(self.in_background(self._run_ahead(task, handler, *held)))
+        result = await self._in_background_ahead(task, handler, True, held)
+        assert result is not None  # only a run that may not wait for its turn declines
+        return result
+
+    async def run_if_first(self, task: TaskDefinition) -> TaskResult | None:
+        """`TaskDriver.run_if_first`, run ahead of its begin as `run` is."""
+        held = self._held.take(task) if self._held is not None else None
+        if held is None:
+            return await super().run_if_first(task)
+        return await self._in_background_ahead(task, False, False, held)
 
     async def run_new(self, task: TaskDefinition) -> TaskResult:
         """`run(task, handler=True)`, for the first task of a session that did not exist
         before it (a workflow-server handler whose id was made here): nothing can be ahead of
         it in its line, nor any state, so it runs at once, from no state, while its begin is
         on its way."""
+        result = await self._in_background_ahead(task, True, True, ("", None))
+        assert result is not None  # it may wait for its turn
+        return result
+
+    async def _in_background_ahead(
+        self, task: TaskDefinition, handler: bool, queue: bool, held: _Held
+    ) -> TaskResult | None:
+        # driven in the background: a caller that goes away leaves the task recorded
         self.start()
-        return await asyncio.shield(self.in_background(self._run_ahead(task, True, "", None)))
+        return await asyncio.shield(
+            self.in_background(self._run_ahead(task, handler, queue, *held))
+        )
 
     async def _run_ahead(
-        self, task: TaskDefinition, handler: bool, held: str, state: dict[str, Any] | None
-    ) -> TaskResult:
+        self,
+        task: TaskDefinition,
+        handler: bool,
+        queue: bool,
+        held: str,
+        state: dict[str, Any] | None,
+    ) -> TaskResult | None:
         """Run `task` from `state`, the state task `held` left ('' for none), while its begin
         is on its way: its latency is the longer of the two, not their sum. Its result and
         outcome wait for the begin's answer. Started from that same state, the run goes on;
         otherwise (a task of its session began elsewhere meanwhile, the control plane restarted
         and forgot, the begin failed) it is cancelled, and the task goes the ordinary way:
-        then the steps it ran will run again."""
+        then the steps it ran will run again (or, when it would wait for its turn and `queue`
+        is false, not here: None, as `run_if_first` answers)."""
         shard = self._control_plane.for_session(task.session_id)
         recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         running = TaskResult(
@@ -591,7 +617,7 @@ class LocalDriver(TaskDriver):
             )
             begun: StartedTask | TaskResult | None = None
             try:
-                begun = await self._begin(shard, task, handler, queue=True, held=held)
+                begun = await self._begin(shard, task, handler, queue, held)
             finally:
                 from_held = isinstance(begun, StartedTask) and begun.state_from == held
                 if from_held:
@@ -606,6 +632,8 @@ class LocalDriver(TaskDriver):
                 begun.state = state  # left out of the answer: this driver holds it
                 result = await self._drive(shard, begun, task_id, await delivered)
             else:  # it runs as the control plane says
+                if begun is None and not queue:
+                    return None  # not recorded: it would wait for its turn
                 if begun is not None:
                     logger.info(
                         "task %s: its session changed elsewhere; it runs again, from its state",
