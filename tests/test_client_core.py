@@ -3,6 +3,7 @@ retry policy behind it."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from llama_deploy_ray import (
     ServiceOverloadedError,
     TaskDefinition,
 )
+from llama_deploy_ray._shared.config import NEW_TASK_HEADER
 from llama_deploy_ray._shared.errors import error_to_json
 
 
@@ -76,6 +78,14 @@ def test_what_the_clients_send_again() -> None:
     assert not core.is_retryable(run, answered(run, 422, error_to_json(InvalidRequestError("x"))))
     with pytest.raises(RequestTimeoutError, match="client's timeout"):
         core.request_kwargs(run, deadline=time.monotonic() - 1, timeout_s=5)
+    # a run's first send says its task is new (a replica may start it before the control
+    # plane confirms that); a resend may follow a send that arrived, and does not
+    first, resent, again = itertools.islice(run.sends(), 3)
+    deadline = time.monotonic() + 5
+    assert core.request_kwargs(first, deadline, 5)["headers"] == {NEW_TASK_HEADER: "1"}
+    for call in (resent, again, event):
+        assert "headers" not in core.request_kwargs(call, deadline, 5)
+    assert resent.body == first.body  # the same task id
 
 
 def test_the_retry_policy_backs_off_within_its_budget() -> None:

@@ -233,7 +233,7 @@ async def test_a_sessions_next_run_starts_from_the_state_its_last_run_here_left(
         driver: LocalDriver, session: str = session_id, **kwargs: object
     ) -> tuple[str, object]:
         task = TaskDefinition(input=json.dumps(kwargs), agent_id="svc", session_id=session)
-        result = await asyncio.wait_for(driver.run(task), 5)
+        result = await asyncio.wait_for(driver.run(task, new=True), 5)
         assert result.status is TaskStatus.COMPLETED, result
         return task.task_id, result.result
 
@@ -243,6 +243,10 @@ async def test_a_sessions_next_run_starts_from_the_state_its_last_run_here_left(
     second = await run(here)
     assert runs[-1] == (second[0], 1, True, False) and second[1] == 2  # ran before recorded
     await holds({"n": 2})
+    # sent again, the task is not new: it does not run (ahead or not), its record answers
+    resent = TaskDefinition(task_id=second[0], input="{}", agent_id="svc", session_id=session_id)
+    assert (await asyncio.wait_for(here.run(resent), 5)).result == 2
+    assert runs[-1][0] == second[0] and len([r for r in runs if r[0] == second[0]]) == 1
 
     third = await run(elsewhere)
     assert third[1] == 3

@@ -125,3 +125,22 @@ async def test_a_retried_request_runs_its_task_once(
     assert send(other).status_code == 422
     with pytest.raises(InvalidRequestError, match="already exists"):
         session.create_task(other)
+
+
+def test_a_request_sent_again_after_its_run_does_not_run_its_steps_again(
+    client: LlamaDeployClient, deployed: ControlPlaneConfig, tmp_path: Path
+) -> None:
+    # the replica holds the state the first run left, and starts a session's next run from
+    # it before its begin is answered, but only for a task id it knows is new: a request
+    # sent again (a client's retry after a cut connection) names a task that already ran
+    log = tmp_path / "runs.log"
+    session = client.create_session()
+    url = run_url(deployed, "blocking", session.session_id)
+    task = TaskDefinition(input=json.dumps({"seconds": 0, "log": str(log)}), agent_id="blocking")
+    for _ in range(3):
+        answer = httpx.post(url, content=task.model_dump_json(), timeout=30)
+        assert TaskResult.model_validate_json(answer.content).result == "done"
+    assert log.read_text().count("ran") == 1
+    # a new task on that session still runs (ahead of its begin, from the state held)
+    assert session.run("blocking", seconds=0, log=str(log)) == "done"
+    assert log.read_text().count("ran") == 2

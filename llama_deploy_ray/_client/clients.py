@@ -83,8 +83,9 @@ class LlamaDeployClient:
         """Send `call`, again under the retry policy while that may help, until `deadline`
         (by default the client's timeout from now)."""
         deadline = deadline or core.deadline_after(self.timeout)
+        sends = call.sends()
         return call_retrying_sync(
-            functools.partial(self._send_once, call, deadline),
+            lambda: self._send_once(next(sends), deadline),
             functools.partial(core.is_retryable, call),
             budget_s=deadline - time.monotonic(),
         )
@@ -319,8 +320,13 @@ class AsyncLlamaDeployClient:
         """Send `call`, again under the retry policy while that may help, until `deadline`
         (by default the client's timeout from now)."""
         deadline = deadline or core.deadline_after(self.timeout)
+        sends = call.sends()
+
+        async def send() -> core.T:  # tenacity awaits coroutine functions only
+            return await self._send_once(next(sends), deadline)
+
         return await call_retrying(
-            functools.partial(self._send_once, call, deadline),
+            send,
             functools.partial(core.is_retryable, call),
             budget_s=deadline - time.monotonic(),
         )

@@ -6,11 +6,12 @@ here."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -18,7 +19,13 @@ import httpx
 from pydantic import TypeAdapter
 from workflows.events import Event
 
-from .._shared.config import MAX_WAIT_S, PAGE_SIZE, STREAM_KEEPALIVE_S, workflow_route
+from .._shared.config import (
+    MAX_WAIT_S,
+    NEW_TASK_HEADER,
+    PAGE_SIZE,
+    STREAM_KEEPALIVE_S,
+    workflow_route,
+)
 from .._shared.errors import (
     ControlPlaneUnavailableError,
     InvalidRequestError,
@@ -62,6 +69,16 @@ class Call(Generic[T]):
     # when its fate is unknown (a cut connection, a proxy's 502); others only when it surely
     # did not arrive (refused connection, Serve's 503 for a full queue)
     idempotent: bool = True
+    # a run of a task made for it: its first send says the task is new (`NEW_TASK_HEADER`)
+    new_task: bool = False
+
+    def sends(self) -> Iterator[Call[T]]:
+        """The call as each attempt sends it: a resend may follow a send that arrived, so it
+        no longer says its task is new."""
+        yield self
+        resent = dataclasses.replace(self, new_task=False)
+        while True:
+            yield resent
 
 
 def _none(_: Any) -> None:
@@ -157,6 +174,7 @@ def run_task(session_id: str, task: TaskDefinition) -> Call[TaskResult]:
         _result,
         body=task.model_dump(),
         not_routed=ServiceNotFoundError(service_name),
+        new_task=True,
     )
 
 
@@ -363,6 +381,8 @@ def request_kwargs(call: Call[Any], deadline: float, timeout_s: float) -> dict[s
     kwargs: dict[str, Any] = {"params": call.params, "timeout": remaining + call.hold_s}
     if call.body is not None:
         kwargs["json"] = call.body
+    if call.new_task:
+        kwargs["headers"] = {NEW_TASK_HEADER: "1"}
     return kwargs
 
 

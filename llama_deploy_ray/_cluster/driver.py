@@ -549,11 +549,16 @@ class LocalDriver(TaskDriver):
         super().__init__(control_plane, adopts_orphans=False, holds_states=True)
         self._run_here = run_here
 
-    async def run(self, task: TaskDefinition, handler: bool = False) -> TaskResult:
+    async def run(
+        self, task: TaskDefinition, handler: bool = False, new: bool = False
+    ) -> TaskResult:
         """`TaskDriver.run`; when this driver holds its session's latest state on the service
         (its own last run there left it, and no task of that session and service began
-        elsewhere since), the task runs at once from it, while its begin is on its way."""
-        held = self._held.take(task) if self._held is not None else None
+        elsewhere since), the task runs at once from it, while its begin is on its way. Only
+        a `new` task does (its id made for this request, or sent for the first time): one
+        sent again may have run already, and its steps must not run before the control plane
+        said whether it did."""
+        held = self._held.take(task) if new and self._held is not None else None
         if held is None:
             return await super().run(task, handler)
         result = await self._in_background_ahead(task, handler, True, held)
@@ -561,7 +566,8 @@ class LocalDriver(TaskDriver):
         return result
 
     async def run_if_first(self, task: TaskDefinition) -> TaskResult | None:
-        """`TaskDriver.run_if_first`, run ahead of its begin as `run` is."""
+        """`TaskDriver.run_if_first`, run ahead of its begin as a new task's `run` is: it
+        takes nested calls' children, new tasks made by their parent's step."""
         held = self._held.take(task) if self._held is not None else None
         if held is None:
             return await super().run_if_first(task)

@@ -66,7 +66,7 @@ class HandlerRoutes:
                 if wait and made_here:  # nothing can be ahead of it: it runs as it begins
                     result = await self._driver.run_new(task)
                 elif wait:
-                    result = await self._driver.run(task, handler=True)
+                    result = await self._driver.run(task, handler=True, new=True)
                 else:
                     result, _ = await self._driver.submit(task, handler=True)
             except TaskStateError:

@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .._shared.config import ID_PATTERN
+from .._shared.config import ID_PATTERN, NEW_TASK_HEADER
 from .._shared.errors import (
     InvalidRequestError,
     LlamaDeployError,
@@ -124,10 +124,13 @@ class WorkflowService:
             )
         try:
             body = await self._guard.read_body(request.stream())
-            task = TaskDefinition.model_validate_json(body).sent_to(session_id, self._service_name)
+            task = TaskDefinition.model_validate_json(body)
+            # an id this request did not name is made here; one it named, new if it says so
+            new = "task_id" not in task.model_fields_set or NEW_TASK_HEADER in request.headers
+            task = task.sent_to(session_id, self._service_name)
             if path[-1] == "run-nowait":
                 return await self._run_nowait(task)
-            result = await self._driver.run(task)
+            result = await self._driver.run(task, new=new)
         except ValidationError as exc:
             return _error_response(InvalidRequestError(f"invalid task: {exc}"))
         except (LlamaDeployError, RayActorError) as exc:  # ours, or from the control plane

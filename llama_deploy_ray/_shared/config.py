@@ -76,6 +76,11 @@ ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 MAX_JSON_DEPTH = 64
 
 
+# Sent by the clients with a run's first request (not with a resend): the task id is new, so
+# a replica may start the run before the control plane confirmed that no task has it.
+NEW_TASK_HEADER = "x-llama-deploy-new-task"
+
+
 def workflow_route(service_name: str) -> str:
     """Where a service's replicas take runs over HTTP, beside the control plane's API:
     `POST {route}/sessions/{session_id}/run` (or `/run-nowait`) with a `TaskDefinition`."""
