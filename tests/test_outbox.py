@@ -28,27 +28,6 @@ async def test_items_put_during_a_call_go_together_in_the_next() -> None:
     release.set()
     await asyncio.sleep(0.01)
     assert calls == [[1], [2, 3, 4]]
-    assert await outbox.close() == []
-
-
-async def test_close_waits_for_the_call_on_its_way_and_returns_the_rest() -> None:
-    sent: list[list[str]] = []
-    landed = asyncio.Event()
-
-    async def send(batch: list[str]) -> None:
-        await asyncio.sleep(0.05)
-        sent.append(batch)
-        landed.set()
-
-    outbox: Outbox[str] = Outbox(send)
-    outbox.put("a")
-    outbox.put("b")
-    left = await outbox.close()
-    assert landed.is_set() and sent == [["a"]]  # the call on its way landed first
-    assert left == ["b"]  # the rest is the caller's to send
-    outbox.put("c")  # closed: kept, never sent
-    await asyncio.sleep(0.1)
-    assert sent == [["a"]]
 
 
 def test_a_send_that_calls_at_once_is_on_its_way_before_put_returns() -> None:
@@ -64,46 +43,8 @@ def test_a_send_that_calls_at_once_is_on_its_way_before_put_returns() -> None:
         outbox: Outbox[int] = Outbox(send)
         outbox.put(7)
         assert called == [[7]]
-        await outbox.close()
 
     asyncio.run(main())
-
-
-async def test_flush_waits_until_what_was_put_has_landed() -> None:
-    landed: list[int] = []
-
-    async def send(batch: list[int]) -> None:
-        await asyncio.sleep(0.02)
-        landed.extend(batch)
-
-    outbox: Outbox[int] = Outbox(send)
-    for item in (1, 2, 3):
-        outbox.put(item)
-    await outbox.flush()
-    assert landed == [1, 2, 3]
-
-
-async def test_a_lingering_outbox_sends_what_came_meanwhile_in_one_call() -> None:
-    calls: list[list[int]] = []
-
-    async def send(batch: list[int]) -> None:
-        calls.append(batch)
-
-    outbox: Outbox[int] = Outbox(send, linger_s=0.05)
-    outbox.put(1)
-    outbox.put(2)
-    await asyncio.sleep(0.01)
-    assert calls == []  # lingering
-    await asyncio.sleep(0.1)
-    assert calls == [[1, 2]]
-    outbox.put(3)  # idle again: lingers again, then flush sends at once
-    await asyncio.wait_for(outbox.flush(), 0.04)
-    assert calls == [[1, 2], [3]]
-    # what came while it lingered is the closer's: no call of its own
-    outbox.put(4)
-    assert await asyncio.wait_for(outbox.close(), 0.04) == [4]
-    await asyncio.sleep(0.1)
-    assert calls == [[1, 2], [3]]
 
 
 async def test_asks_during_a_call_go_together_and_each_gets_its_own_answer() -> None:

@@ -39,7 +39,9 @@ async def test_a_control_plane_on_the_same_store_takes_everything_back(tmp_path:
     # one finished with state and more events than a stream keeps; one parked for input (it
     # keeps its place in the session's line); two waiting for their turn behind it
     await begin(first, tasks[0], "replica-1")
-    await first.append_events(tasks[0].task_id, [{TYPE_KEY: "Progress", "n": n} for n in range(5)])
+    await first.append_events(
+        {tasks[0].task_id: [{TYPE_KEY: "Progress", "n": n} for n in range(5)]}
+    )
     await first.finish_task(tasks[0].task_id, TaskOutcome(result="done", state={"count": 1}))
     await begin(first, tasks[1], "replica-1")
     snapshot = {"parked": True}

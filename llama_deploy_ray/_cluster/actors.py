@@ -247,8 +247,8 @@ class ControlPlaneShard(_Handle):
             functools.partial(self._actor.read_inbox.remote, task_id, after, wait_s)
         )
 
-    async def append_events(self, task_id: str, events: list[dict[str, Any]]) -> None:
-        await self._call(functools.partial(self._actor.append_events.remote, task_id, events))
+    async def append_events(self, events: dict[str, list[dict[str, Any]]]) -> None:
+        await self._call(functools.partial(self._actor.append_events.remote, events))
 
     async def read_events(
         self, session_id: str, task_id: str, after: int, wait_s: float

@@ -518,9 +518,15 @@ class ControlPlane:
     async def read_inbox(self, task_id: str, after: int, wait_s: float) -> EventBatch:
         return await self._task(task_id).inbox.read(after, wait_s)
 
-    async def append_events(self, task_id: str, events: list[dict[str, Any]]) -> None:
-        """Add what the task's workflow streamed; a nested task's events reach its parents."""
-        self._append_events(self._task(task_id), events)
+    async def append_events(self, events: dict[str, list[dict[str, Any]]]) -> None:
+        """Add what the tasks' workflows streamed, by task id (one replica's runs); a nested
+        task's events reach its parents. A task no longer here (it expired) is skipped."""
+        for task_id, streamed in events.items():
+            record = self._tasks.get(task_id)
+            if record is None:
+                logger.warning("dropped %d events of task %s: no such task", len(streamed), task_id)
+                continue
+            self._append_events(record, streamed)
         await self._persist()
 
     async def read_events(

@@ -1,17 +1,12 @@
-"""One call in flight, the rest coalesced: how a driver sends what it produces quickly (a
-run's streamed events, the outcomes of the runs it finishes, the tasks it begins) to the
-control plane.
+"""One call in flight, the rest coalesced: how a driver sends what it produces quickly (the
+outcomes of the runs it finishes, the tasks it begins) to the control plane.
 
 Items put while a call is on its way go together in the next call, so under load one call
 carries many items, and items leave in the order they were put. An `Outbox` sends without
-waiting for answers; a `Batcher` gives each asker the answer to its own item. An outbox with a
-`linger_s` waits that long before a call, so that what comes meanwhile goes in it, and what its
-closer takes goes in no call of its own (a short run's events go with its outcome).
+waiting for answers; a `Batcher` gives each asker the answer to its own item.
 
-    outbox = Outbox(lambda batch: shard.append_events(task_id, batch))
-    outbox.put(event)          # sent at once when no call is on its way
-    await outbox.flush()       # what was put so far has landed
-    left = await outbox.close()  # the call on its way lands; what was not sent is returned
+    outbox = Outbox(send_outcomes)  # def send_outcomes(batch) -> awaitable
+    outbox.put(outcome)             # sent at once when no call is on its way
 
     batcher = Batcher(send_begins)  # async def send_begins(batch) -> list of answers
     answer = await batcher.ask(item)  # the answer to this item, from the call that carried it
@@ -32,63 +27,27 @@ class Outbox(Generic[T]):
         self,
         send: Callable[[list[T]], Awaitable[Any]],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] = asyncio.ensure_future,
-        linger_s: float = 0.0,
     ) -> None:
-        """`send(batch)` is called when the batch leaves (without a linger, a send that makes
-        its call at once, such as an actor call's `.remote`, is on its way before `put`
-        returns); `spawn` runs the background sender (give a driver's, so that draining it
-        waits for the sends)."""
+        """`send(batch)` is called when the batch leaves (a send that makes its call at once,
+        such as an actor call's `.remote`, is on its way before `put` returns); `spawn` runs
+        the background sender (give a driver's, so that draining it waits for the sends)."""
         self._send = send
         self._spawn = spawn
-        self._linger_s = linger_s
         self._items: list[T] = []
         self._sending: asyncio.Task[None] | None = None
-        self._lingering: asyncio.Future[None] | None = None
-        self._closed = False
 
     def put(self, item: T) -> None:
         self._items.append(item)
-        if not self._closed and (self._sending is None or self._sending.done()):
-            self._sending = self._spawn(
-                self._linger() if self._linger_s else self._drain(self._send(self._take()))
-            )
-
-    async def flush(self) -> None:
-        """Wait until what was put so far is sent and its call answered."""
-        self._stop_lingering()
-        while self._sending is not None and not self._sending.done():
-            await asyncio.shield(self._sending)
-
-    async def close(self) -> list[T]:
-        """Send nothing more; wait for the call on its way and return what was left."""
-        self._closed = True
-        self._stop_lingering()
-        if self._sending is not None:
-            await self._sending
-        return self._take()
+        if self._sending is None or self._sending.done():
+            self._sending = self._spawn(self._drain(self._send(self._take())))
 
     def _take(self) -> list[T]:
         batch, self._items = self._items, []
         return batch
 
-    async def _linger(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._lingering = loop.create_future()
-        timer = loop.call_later(self._linger_s, self._stop_lingering)
-        try:
-            await self._lingering
-        finally:
-            timer.cancel()
-        if not self._closed:
-            await self._drain(self._send(self._take()))
-
-    def _stop_lingering(self) -> None:
-        if self._lingering is not None and not self._lingering.done():
-            self._lingering.set_result(None)
-
     async def _drain(self, first: Awaitable[Any]) -> None:
         await first
-        while self._items and not self._closed:
+        while self._items:
             await self._send(self._take())
 
 

@@ -2,8 +2,8 @@
 
 It restores the session's context for this service, runs the workflow and returns the outcome
 with the context's new state. While it runs, the events the workflow writes to its stream go to
-the control plane in batches (one call in flight, each after `STREAM_LINGER_S`, see `_outbox`);
-the last of them go with the outcome, and all of them, in a run that ends sooner.
+the control plane with those of the replica's other runs (see `_stream_sender`); the last of
+them go with the outcome, and all of them, in a run that ends sooner.
 
 Human input: once the workflow writes an `InputRequiredEvent`, the engine reads the task's
 inbox on the control plane and sends what arrives into the run. If the workflow still waits
@@ -24,7 +24,6 @@ from workflows import Context, Workflow
 from workflows.events import Event, InputRequiredEvent, StopEvent
 from workflows.handler import WorkflowHandler
 
-from .._shared.config import STREAM_LINGER_S
 from .._shared.errors import InvalidRequestError
 from .._shared.events import SEQ_KEY, event_from_dict, event_to_dict
 from .._shared.types import StartedTask, TaskOutcome
@@ -32,8 +31,8 @@ from .._shared.workflows_internals import with_fresh_run_clock
 from .actors import ControlPlaneHandle, ControlPlaneShard, OrchestratorHandle
 from .message_queue import RayMessageQueue
 from .nested import PARENT_RUN, ParentRun
-from .outbox import Outbox
 from .state_serializer import SignedStateSerializer
+from .stream_sender import RunStream, StreamSender
 from .task_logging import task_logged
 
 logger = logging.getLogger(__name__)
@@ -59,6 +58,7 @@ class RunEngine:
         # tasks whose stream a client reads from this replica (see `_live_stream`)
         self._watchers: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
         self._services = RayMessageQueue()  # where nested tasks go
+        self._senders: dict[ControlPlaneShard, StreamSender] = {}
 
     def watch_stream(self, task_id: str) -> asyncio.Queue[dict[str, Any] | None]:
         """The events the task's runs here write to its stream, as they write them, until
@@ -92,13 +92,10 @@ class RunEngine:
             # not from the alive time the session's earlier runs spent.
             state = with_fresh_run_clock(state)
         shard = self.control_plane.for_session(task.session_id)
-
-        async def append(batch: list[dict[str, Any]]) -> None:
-            if recorded is not None:
-                await recorded
-            await shard.append_events(task.task_id, batch)
-
-        events: Outbox[dict[str, Any]] = Outbox(append, linger_s=STREAM_LINGER_S)
+        sender = self._senders.get(shard)
+        if sender is None:
+            sender = self._senders[shard] = StreamSender(shard)
+        events = sender.stream(task.task_id, recorded)
 
         async def before_child() -> None:
             if recorded is not None:  # a child names its parent, which must be recorded
@@ -136,7 +133,7 @@ class _TaskRun:
         task_id: str,
         handler: WorkflowHandler,
         inbox_seq: int,
-        events: Outbox[dict[str, Any]],
+        events: RunStream,
         recorded: asyncio.Future[None] | None,
     ) -> None:
         self._engine = engine
@@ -174,7 +171,7 @@ class _TaskRun:
         # in flight lands first, and what is left goes with the outcome (one call fewer)
         with contextlib.suppress(Exception):
             await pump
-        outcome.events = await self._events.close()
+        outcome.events = await self._events.take()
         return outcome
 
     async def _completed(self, result: Any, had_state: bool) -> TaskOutcome:
