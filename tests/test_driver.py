@@ -288,3 +288,53 @@ async def test_a_sessions_next_run_starts_from_the_state_its_last_run_here_left(
     assert runs[-1] == (again[0], 0, True, False)
     await here.drain()
     await elsewhere.drain()
+
+
+async def test_a_sessions_next_run_sends_its_last_outcome_first() -> None:
+    """Under load a run's outcome waits for the outcomes call on its way; the session's next
+    run sends it at once, before its own begin: the begin finds the task before it finished
+    (no wait for its turn), and the run starts ahead from the state that outcome left."""
+    control_plane, session_id = await _control_plane()
+    other = (await control_plane.create_session()).session_id
+    release = asyncio.Event()
+    waited_for_turn: list[str] = []
+
+    class SlowFinish:
+        def __getattr__(self, name: str) -> object:
+            return getattr(control_plane, name)
+
+        async def finish_tasks(self, outcomes: dict, hold_states: bool = False) -> object:
+            if any(control_plane._tasks[t].definition.session_id == other for t in outcomes):
+                await release.wait()
+            return await control_plane.finish_tasks(outcomes, hold_states)
+
+        async def start_task(self, task_id: str, owner: str) -> object:
+            waited_for_turn.append(task_id)
+            return await control_plane.start_task(task_id, owner)
+
+    runs: list[tuple[str, int, bool]] = []  # (task id, the state's n, run ahead of its begin)
+
+    async def run_here(started: StartedTask, recorded: asyncio.Future[None] | None) -> TaskOutcome:
+        n = (started.state or {}).get("n", 0)
+        runs.append((started.task.task_id, n, recorded is not None))
+        if recorded is not None:
+            await recorded
+        return TaskOutcome(result=n + 1, state={"n": n + 1})
+
+    shard = ControlPlaneShard(ActorLike(SlowFinish()))  # type: ignore[arg-type]
+    driver = LocalDriver(ControlPlaneHandle([shard]), run_here)
+
+    async def run(session: str) -> TaskDefinition:
+        task = TaskDefinition(input="{}", agent_id="svc", session_id=session)
+        assert (await asyncio.wait_for(driver.run(task, new=True), 5)).status.is_final
+        return task
+
+    asyncio.get_running_loop().call_later(1.0, release.set)  # a bound, should it be needed
+    await run(other)  # its outcomes call stays on its way
+    await run(session_id)  # its outcome waits for the call on its way
+    second = await run(session_id)
+    assert runs[-1] == (second.task_id, 1, True)  # from the state the first left, ahead
+    assert waited_for_turn == []
+    release.set()
+    await driver.drain()
+    assert (await control_plane.get_session_state(session_id))["svc"] == {"n": 2}

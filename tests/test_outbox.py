@@ -80,3 +80,27 @@ async def test_a_failed_call_fails_each_of_its_asks_and_not_the_next() -> None:
         with pytest.raises(ConnectionError):
             await ask
     assert await batcher.ask("good") == "good"
+
+
+async def test_hurry_sends_what_waits_at_once_when_it_holds_a_wanted_item() -> None:
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def send(batch: list[int]) -> None:
+        calls.append(batch)
+        await release.wait()
+
+    outbox: Outbox[int] = Outbox(send)
+    outbox.put(1)  # on its way
+    outbox.put(2)
+    outbox.put(3)
+    outbox.hurry(lambda item: item == 9)  # none wanted: they wait for the call on its way
+    await asyncio.sleep(0.01)
+    assert calls == [[1]]
+    outbox.hurry(lambda item: item == 3)  # sent now, beside the call on its way
+    await asyncio.sleep(0.01)
+    assert calls == [[1], [2, 3]]
+    outbox.put(4)
+    release.set()
+    await asyncio.sleep(0.01)
+    assert calls == [[1], [2, 3], [4]]

@@ -72,6 +72,12 @@ class _Cancellable(Protocol):
 
 
 _Pair = tuple[str, str]  # (session id, service name)
+
+
+def _pair_of(task: TaskDefinition) -> _Pair:
+    return task.session_id or "", task.agent_id or ""
+
+
 # a state: the task whose outcome left it ('' for none yet) and the state (None for none)
 _Held = tuple[str, dict[str, Any] | None]
 
@@ -91,7 +97,7 @@ class _HeldStates:
         self._entries: OrderedDict[_Pair, tuple[str, _Held | None]] = OrderedDict()
 
     def began(self, task: TaskDefinition) -> None:
-        pair = (task.session_id or "", task.agent_id or "")
+        pair = _pair_of(task)
         self._entries[pair] = (task.task_id, None)
         self._entries.move_to_end(pair)
         if len(self._entries) > self._size:
@@ -100,7 +106,7 @@ class _HeldStates:
     def left(self, started: StartedTask, outcome: TaskOutcome) -> None:
         """The outcome of a task begun here is sent: hold the state it leaves."""
         task = started.task
-        pair = (task.session_id or "", task.agent_id or "")
+        pair = _pair_of(task)
         if self._entries.get(pair, ("",))[0] != task.task_id:
             return  # another task of the pair began here since
         if outcome.state is not None:
@@ -112,7 +118,7 @@ class _HeldStates:
     def take(self, task: TaskDefinition) -> _Held | None:
         """The state the task's session left on its service, if held; the task begins here
         (the state is held no more)."""
-        _, held = self._entries.get((task.session_id or "", task.agent_id or ""), ("", None))
+        _, held = self._entries.get(_pair_of(task), ("", None))
         if held is not None:
             self.began(task)
         return held
@@ -289,6 +295,7 @@ class TaskDriver:
         landed before it went, leaving the task this driver's and driven by nobody (the
         client's retry finds it, another driver's): then, in the background, this driver asks
         again until answered, and drives what it owns."""
+        self._send_last_outcome(task)
         if self._held is not None:
             self._held.began(task)
         try:
@@ -296,6 +303,13 @@ class TaskDriver:
         except ControlPlaneUnavailableError:
             self.in_background(self._begin_again(shard, task, handler, queue))
             raise
+
+    def _send_last_outcome(self, task: TaskDefinition) -> None:
+        """The outcome of the last task of `task`'s session and service, if it waits for the
+        call on its way, leaves now: else `task`'s begin would find that task unfinished, and
+        `task` would wait for its turn (and not run ahead of its begin from the state held)."""
+        pair = _pair_of(task)
+        self._outcomes.hurry(lambda item: _pair_of(item[1].task) == pair)
 
     async def _begin_again(
         self, shard: ControlPlaneShard, task: TaskDefinition, handler: bool, queue: bool
@@ -383,7 +397,7 @@ class TaskDriver:
         for shard, started, outcome in batch:
             task = started.task
             by_shard.setdefault(shard, {})[task.task_id] = outcome
-            pairs[task.task_id] = (task.session_id or "", task.agent_id or "")
+            pairs[task.task_id] = _pair_of(task)
             if self._held is not None:  # sent before any begin after it: held from now
                 self._held.left(started, outcome)
         hold = self._held is not None
@@ -558,6 +572,7 @@ class LocalDriver(TaskDriver):
         a `new` task does (its id made for this request, or sent for the first time): one
         sent again may have run already, and its steps must not run before the control plane
         said whether it did."""
+        self._send_last_outcome(task)  # the state it leaves is held once it is sent
         held = self._held.take(task) if new and self._held is not None else None
         if held is None:
             return await super().run(task, handler)
@@ -568,6 +583,7 @@ class LocalDriver(TaskDriver):
     async def run_if_first(self, task: TaskDefinition) -> TaskResult | None:
         """`TaskDriver.run_if_first`, run ahead of its begin as a new task's `run` is: it
         takes nested calls' children, new tasks made by their parent's step."""
+        self._send_last_outcome(task)
         held = self._held.take(task) if self._held is not None else None
         if held is None:
             return await super().run_if_first(task)

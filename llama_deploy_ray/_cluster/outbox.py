@@ -41,6 +41,12 @@ class Outbox(Generic[T]):
         if self._sending is None or self._sending.done():
             self._sending = self._spawn(self._drain(self._send(self._take())))
 
+    def hurry(self, wanted: Callable[[T], bool]) -> None:
+        """If an item `wanted` waits for the call on its way, send what waits now, in a call
+        of its own: something that must follow it is about to be sent."""
+        if any(wanted(item) for item in self._items):
+            self._spawn(self._drain(self._send(self._take())))
+
     def _take(self) -> list[T]:
         batch, self._items = self._items, []
         return batch
