@@ -10,7 +10,8 @@ import pytest
 from llama_deploy_ray._cluster.outbox import Batcher, Outbox
 
 
-async def test_items_put_during_a_call_go_together_in_the_next() -> None:
+def _blocked_outbox() -> tuple[Outbox[int], list[list[int]], asyncio.Event]:
+    """An outbox whose calls are noted, and land once the event is set."""
     calls: list[list[int]] = []
     release = asyncio.Event()
 
@@ -18,7 +19,11 @@ async def test_items_put_during_a_call_go_together_in_the_next() -> None:
         calls.append(batch)
         await release.wait()
 
-    outbox: Outbox[int] = Outbox(send)
+    return Outbox(send), calls, release
+
+
+async def test_items_put_during_a_call_go_together_in_the_next() -> None:
+    outbox, calls, release = _blocked_outbox()
     outbox.put(1)  # sent at once
     await asyncio.sleep(0)
     for item in (2, 3, 4):
@@ -83,14 +88,7 @@ async def test_a_failed_call_fails_each_of_its_asks_and_not_the_next() -> None:
 
 
 async def test_hurry_sends_what_waits_at_once_when_it_holds_a_wanted_item() -> None:
-    calls: list[list[int]] = []
-    release = asyncio.Event()
-
-    async def send(batch: list[int]) -> None:
-        calls.append(batch)
-        await release.wait()
-
-    outbox: Outbox[int] = Outbox(send)
+    outbox, calls, release = _blocked_outbox()
     outbox.put(1)  # on its way
     outbox.put(2)
     outbox.put(3)
