@@ -572,8 +572,7 @@ class LocalDriver(TaskDriver):
         a `new` task does (its id made for this request, or sent for the first time): one
         sent again may have run already, and its steps must not run before the control plane
         said whether it did."""
-        self._send_last_outcome(task)  # the state it leaves is held once it is sent
-        held = self._held.take(task) if new and self._held is not None else None
+        held = self._take_held(task) if new else None
         if held is None:
             return await super().run(task, handler)
         result = await self._in_background_ahead(task, handler, True, held)
@@ -583,11 +582,16 @@ class LocalDriver(TaskDriver):
     async def run_if_first(self, task: TaskDefinition) -> TaskResult | None:
         """`TaskDriver.run_if_first`, run ahead of its begin as a new task's `run` is: it
         takes nested calls' children, new tasks made by their parent's step."""
-        self._send_last_outcome(task)
-        held = self._held.take(task) if self._held is not None else None
+        held = self._take_held(task)
         if held is None:
             return await super().run_if_first(task)
         return await self._in_background_ahead(task, False, False, held)
+
+    def _take_held(self, task: TaskDefinition) -> _Held | None:
+        """The state `task`'s session left on its service here, if held (see `_HeldStates`);
+        the outcome that leaves it goes first, if it waits: it is held once sent."""
+        self._send_last_outcome(task)
+        return self._held.take(task) if self._held is not None else None
 
     async def run_new(self, task: TaskDefinition) -> TaskResult:
         """`run(task, handler=True)`, for the first task of a session that did not exist
