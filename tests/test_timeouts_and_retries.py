@@ -20,6 +20,7 @@ from llama_deploy_ray import (
     RequestTimeoutError,
     TaskDefinition,
     TaskResult,
+    TaskStatus,
     deploy_workflow,
 )
 from llama_deploy_ray._shared.config import DRIVER_SILENCE_S
@@ -144,3 +145,13 @@ def test_a_request_sent_again_after_its_run_does_not_run_its_steps_again(
     # a new task on that session still runs (ahead of its begin, from the state held)
     assert session.run("blocking", seconds=0, log=str(log)) == "done"
     assert log.read_text().count("ran") == 2
+    # the same through the control plane API's run (the orchestrator drives it)
+    api_url = f"{deployed.url}/sessions/{session.session_id}/run"
+    named = TaskDefinition(input=task.input, agent_id="blocking")
+    for _ in range(3):
+        answer = httpx.post(api_url, json=named.model_dump(), timeout=30)
+        assert TaskResult.model_validate_json(answer.content).result == "done"
+    unnamed = {"input": task.input, "agent_id": "blocking"}
+    assert httpx.post(api_url, json=unnamed, timeout=30).json()["result"] == "done"
+    assert log.read_text().count("ran") == 4
+    assert [t.status for t in session.get_tasks()] == [TaskStatus.COMPLETED] * 4
