@@ -295,7 +295,8 @@ class TaskDriver:
         landed before it went, leaving the task this driver's and driven by nobody (the
         client's retry finds it, another driver's): then, in the background, this driver asks
         again until answered, and drives what it owns."""
-        self._send_last_outcome(task)
+        if held is None:  # a run ahead sent it before it took the state held
+            self._send_last_outcome(task)
         if self._held is not None:
             self._held.began(task)
         try:
