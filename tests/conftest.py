@@ -3,6 +3,7 @@ runs in its own process (it starts the Ray it lives with), and the tests attach 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -117,21 +118,36 @@ class Core:
         subprocess.run(["ray", "stop", "--force"], check=True, capture_output=True, timeout=120)
         self.process.kill()
         self.process.wait()
-        # Serve's HAProxy outlives a Ray stopped under it and keeps its ports (see _deploy)
-        for process in psutil.process_iter(["name"]):
-            if process.info["name"] == "haproxy":
-                process.kill()
+        _kill_haproxy()
 
     def stop(self) -> None:
         ray.shutdown()
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # a core killed before its Serve shut down leaves its HAProxy, which would hold the
+        # next core's ports
+        _kill_haproxy()
+
+
+def _kill_haproxy() -> None:
+    """Serve's HAProxy outlives a Ray stopped under it and keeps its ports (see _deploy)."""
+    haproxies = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+    for process in haproxies:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+    def gone(process: psutil.Process) -> bool:  # a zombie holds no port
         try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            return process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(lambda: all(map(gone, haproxies)), timeout_s=30, what="HAProxy to exit")
 
 
 _shared_cores: list[Core] = []

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import pickle
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,9 +181,13 @@ def keyed(deployed: ControlPlaneConfig) -> Iterator[ControlPlaneConfig]:
         )
         return all((a.status_code == 401) == expected for a in answers)
 
+    # each replica (two of the API) reads the settings again at its first request past
+    # REFRESH_S since its last read: after that long, every replica's next answer obeys them
+    time.sleep(REFRESH_S)
     wait_for(lambda: refused(True), timeout_s=REFRESH_S * 3, what="the keys to take effect")
     yield keyed
     internal_kv._internal_kv_del(_KV_KEY, namespace=deployed.namespace)
+    time.sleep(REFRESH_S)
     wait_for(lambda: refused(False), timeout_s=REFRESH_S * 3, what="the keys to be dropped")
 
 

@@ -510,6 +510,7 @@ class PublishingDriver(TaskDriver):
         message = QueueMessage(type=started.task.agent_id or "", data={"started": started})
         retries = self._config.max_retries
         sent = 0
+        dead: set[str] = set()  # the replicas that died under it
 
         async def publish() -> TaskOutcome:
             nonlocal sent
@@ -522,16 +523,24 @@ class PublishingDriver(TaskDriver):
             sent += 1
             return await self._publish(task_id, message)
 
+        def another_died(exc: BaseException) -> bool:
+            # Serve routes to a dead replica until it notices the death (seconds, on a busy
+            # machine): only a replica not seen dead yet counts against max_retries
+            if not actor_unreachable(exc):
+                return False
+            dead.add(getattr(exc, "actor_id", None) or f"unnamed-{len(dead)}")
+            return len(dead) <= retries
+
         try:
             return await call_retrying(
                 publish,
-                actor_unreachable,
-                attempts=retries + 1,
+                another_died,
+                budget_s=RECORD_BUDGET_S,
                 first_wait_s=self._config.retry_backoff_s,
             )
         except (RayActorError, ActorUnavailableError) as exc:  # other errors: see _drive
             return TaskOutcome(
-                error=f"the replica running the task died {sent} times "
+                error=f"the replicas running the task died {len(dead)} times "
                 f"(max_retries={retries}): {exc}",
                 error_type="ReplicaDiedError",
             )

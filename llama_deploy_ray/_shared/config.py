@@ -264,7 +264,10 @@ class SimpleOrchestratorConfig(BaseSettings):
     max_retries: int = Field(
         default=3,
         ge=0,
-        description="Times a task is sent again after the replica running it died.",
+        description=(
+            "Times a task is sent again after the replica running it died (each time a replica "
+            "not seen dead before: one Serve still routes to until it notices does not count)."
+        ),
     )
     retry_backoff_s: float = Field(default=0.5, ge=0, description="Wait before a retry.")
 
