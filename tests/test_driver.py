@@ -10,14 +10,15 @@ from collections.abc import Awaitable, Callable
 import pytest
 from ray.exceptions import ActorUnavailableError
 
-from llama_deploy_ray import TaskDefinition
+from llama_deploy_ray import SimpleOrchestratorConfig, TaskDefinition
 from llama_deploy_ray._cluster.actors import ControlPlaneHandle, ControlPlaneShard
 from llama_deploy_ray._cluster.control_plane import ControlPlane
-from llama_deploy_ray._cluster.driver import LocalDriver
+from llama_deploy_ray._cluster.driver import LocalDriver, PublishingDriver
 from llama_deploy_ray._shared import retry
 from llama_deploy_ray._shared.errors import ControlPlaneUnavailableError, ServiceNotFoundError
 from llama_deploy_ray._shared.types import (
     DriverNotice,
+    QueueMessage,
     ServiceDefinition,
     StartedTask,
     TaskOutcome,
@@ -338,3 +339,50 @@ async def test_a_sessions_next_run_sends_its_last_outcome_first() -> None:
     release.set()
     await driver.drain()
     assert (await control_plane.get_session_state(session_id))["svc"] == {"n": 2}
+
+
+@pytest.mark.parametrize(
+    ("dead_replicas", "status"),
+    [
+        # Serve routes to a dead replica until it notices: five sends to the same one
+        ([b"\x01" * 16] * 5, TaskStatus.COMPLETED),
+        # three replicas died under it, one more than max_retries allows
+        ([b"\x01" * 16, b"\x02" * 16, b"\x03" * 16], TaskStatus.FAILED),
+    ],
+)
+async def test_only_a_replica_not_seen_dead_counts_against_max_retries(
+    dead_replicas: list[bytes], status: TaskStatus
+) -> None:
+    control_plane, session_id = await _control_plane()
+    failures = iter(dead_replicas)
+
+    class Replicas:
+        """The service's topic: each send reaches the next dead replica, then a live one."""
+
+        def publish(self, message: QueueMessage) -> asyncio.Future[TaskOutcome]:
+            async def answer() -> TaskOutcome:
+                actor_id = next(failures, None)
+                if actor_id is not None:
+                    raise ActorUnavailableError("Actor is unavailable.", actor_id)
+                return TaskOutcome(result="done")
+
+            return asyncio.ensure_future(answer())
+
+    shard = ControlPlaneShard(ActorLike(control_plane))  # type: ignore[arg-type]
+    config = SimpleOrchestratorConfig(max_retries=2, retry_backoff_s=0.01)
+    driver = PublishingDriver(ControlPlaneHandle([shard]), config)
+    driver._queue = Replicas()  # type: ignore[assignment]
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
+
+    result = await asyncio.wait_for(driver.run(task), timeout=30)
+    assert result.status is status, result
+    if status is TaskStatus.FAILED:
+        assert result.error_type == "ReplicaDiedError"
+        assert "died 3 times (max_retries=2)" in (result.error or "")
+    else:
+        assert result.result == "done" and result.attempts == len(dead_replicas) + 1
+    recorded = await control_plane.get_task(session_id, task.task_id)
+    assert result.model_dump(exclude={"finished_at"}) == recorded.model_dump(
+        exclude={"finished_at"}
+    )
+    await driver.drain()

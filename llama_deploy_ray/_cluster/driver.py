@@ -518,6 +518,9 @@ class PublishingDriver(TaskDriver):
                 logger.warning("task %s: its replica died, sending it again", task_id)
                 shard = self._control_plane.for_session(started.task.session_id)
                 await shard.record_retry(task_id)
+                # the result it answers with says so too, as its record does
+                attempts = started.running.attempts + 1
+                started.running = started.running.model_copy(update={"attempts": attempts})
                 if task_id in self._cancelled:
                     return _CANCELLED
             sent += 1
