@@ -67,6 +67,7 @@ def test_a_restarted_ray_gets_everything_back(
     stop_shared_core()
     env = {**core_env, "CONTROL_PLANE_STATE_STORE": store, "CONTROL_PLANE_PORT": str(_free_port())}
     core = Core(env, tmp_path / "core-1.log")
+    release = tmp_path / "release"
     crashed = False
     try:
         deploy = [sys.executable, "-m", "tests.deploy_for_restart"]
@@ -76,7 +77,11 @@ def test_a_restarted_ray_gets_everything_back(
             assert [session.run("restart_counter") for _ in range(3)] == ["1", "2", "3"]
             done = session.get_tasks()
             # a task the Ray stops under: its replica dies with it
-            running = session.run_nowait("restart_sleep", seconds=15, tag="through the stop")
+            # it runs until the Ray is stopped, however slow the stop (its run after the
+            # restart is released at once)
+            running = session.run_nowait(
+                "restart_sleep", seconds=100, release=str(release), tag="through the stop"
+            )
             wait_for(
                 lambda: session.get_task(running).status is TaskStatus.RUNNING,
                 timeout_s=30,
@@ -87,6 +92,7 @@ def test_a_restarted_ray_gets_everything_back(
     finally:
         if not crashed:
             core.stop()
+    release.touch()
 
     env["CONTROL_PLANE_PORT"] = str(_free_port())
     core = Core(env, tmp_path / "core-2.log")  # deploy_core finds the store

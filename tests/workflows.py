@@ -58,12 +58,18 @@ class FailingWorkflow(Workflow):
 
 
 class SleepWorkflow(Workflow):
-    """Sleeps `seconds`, then reports when it ran and which replica ran it."""
+    """Sleeps `seconds` (less if the file `release` names appears first), then reports when it
+    ran and which replica ran it."""
 
     @step()
     async def run_step(self, ctx: Context, ev: StartEvent) -> StopEvent:
         start = time.time()
-        await asyncio.sleep(float(ev.get("seconds", 0)))
+        release = ev.get("release")
+        if release is None:
+            await asyncio.sleep(float(ev.get("seconds", 0)))
+        else:
+            while time.time() < start + float(ev.get("seconds", 0)) and not os.path.exists(release):
+                await asyncio.sleep(0.1)
         log = await ctx.store.get("log", default=[])
         log.append(ev.get("tag"))
         await ctx.store.set("log", log)
