@@ -14,10 +14,12 @@ import pytest_asyncio
 
 from llama_deploy_ray import (
     AsyncLlamaDeployClient,
+    AsyncSessionClient,
     ControlPlaneConfig,
     InvalidRequestError,
     LlamaDeployClient,
     RequestTimeoutError,
+    SessionClient,
     TaskDefinition,
     TaskResult,
     TaskStatus,
@@ -50,9 +52,16 @@ async def deployed(control_plane_config: ControlPlaneConfig) -> ControlPlaneConf
 
 
 async def test_the_client_timeout_bounds_a_whole_run(deployed: ControlPlaneConfig) -> None:
+    # only the runs go through the clients with a 2 s timeout: on a busy machine creating a
+    # session may take that long too
+    with LlamaDeployClient(deployed) as setup:
+        session_ids = [setup.create_session().session_id for _ in range(3)]
     with LlamaDeployClient(deployed, timeout=2) as client:
-        for service_name, kwargs in (("c_sleep", {"seconds": 6}), ("c_human", {})):
-            session = client.create_session()
+        for session_id, service_name, kwargs in (
+            (session_ids[0], "c_sleep", {"seconds": 6}),
+            (session_ids[1], "c_human", {}),
+        ):
+            session = SessionClient(client, session_id)
             start = time.monotonic()
             with pytest.raises(RequestTimeoutError, match="client's timeout"):
                 session.run(service_name, **kwargs)
@@ -60,7 +69,7 @@ async def test_the_client_timeout_bounds_a_whole_run(deployed: ControlPlaneConfi
             for task in session.get_tasks():  # what was asked goes on: stop it
                 session.cancel_task(task.task_id)
     async with AsyncLlamaDeployClient(deployed, timeout=2) as aclient:
-        session = await aclient.create_session()
+        session = AsyncSessionClient(aclient, session_ids[2])
         start = time.monotonic()
         with pytest.raises(TimeoutError):  # a RequestTimeoutError is also a TimeoutError
             await session.run("c_sleep", seconds=6)
