@@ -20,6 +20,9 @@ def test_bench_harness_smoke(tmp_path) -> None:
             "--quick",
             "--modes",
             "default",
+            # hello and the streaming workload; the waiting and CPU-bound ones add only time
+            "--workloads",
+            "stream3",
             "--out",
             str(tmp_path),
         ],

@@ -319,8 +319,9 @@ def test_client_timeout(deployed: ControlPlaneConfig) -> None:
 
 def test_unreachable_control_plane_names_the_address() -> None:
     config = ControlPlaneConfig(port=9)  # nothing listens on the discard port
+    # the client tries again until its timeout (the default: a minute), then names the address
     with pytest.raises(ControlPlaneUnavailableError, match=r"127\.0\.0\.1:9"):
-        LlamaDeployClient(config).create_session()
+        LlamaDeployClient(config, timeout=3).create_session()
 
 
 async def test_async_client_methods(aclient: AsyncLlamaDeployClient) -> None:
