@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +19,7 @@ import psutil
 import pytest
 import pytest_asyncio
 import ray
+from ray import serve
 
 from llama_deploy_ray import (
     AsyncLlamaDeployClient,
@@ -27,6 +28,7 @@ from llama_deploy_ray import (
     RayActorOptions,
     WorkflowServiceConfig,
 )
+from llama_deploy_ray._cluster.actors import ControlPlaneHandle
 from llama_deploy_ray._shared.config import workflow_route
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +174,21 @@ def control_plane_config(
     _shared_cores.append(core)
     yield core.config
     stop_shared_core()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def _a_modules_services_go_with_it() -> AsyncIterator[None]:
+    """After each module, the services deployed on the shared core go: the replicas of every
+    module before would otherwise stay up to the end (dozens of processes), taking memory and
+    CPU from the tests after them, and Serve's controller looks after each one."""
+    yield
+    if not _shared_cores or not ray.is_initialized():
+        return
+    control_plane = ControlPlaneHandle.lookup(_shared_cores[-1].config.namespace)
+    for definition in await control_plane.list_services():
+        # not blocking: a replica drains its runs (however long) while the next module goes on
+        serve.delete(definition.service_name, _blocking=False)
+        await control_plane.deregister_service(definition.service_name)
 
 
 def service(name: str, **options) -> WorkflowServiceConfig:
