@@ -246,6 +246,8 @@ async def test_a_sessions_next_run_starts_from_the_state_its_last_run_here_left(
     await holds({"n": 2})
     # sent again, the task is not new: it does not run (ahead or not), its record answers
     resent = TaskDefinition(task_id=second[0], input="{}", agent_id="svc", session_id=session_id)
+    # nor as a nested call's child (those run ahead unasked): it began here before
+    assert await asyncio.wait_for(here.run_if_first(resent), 5) is None
     assert (await asyncio.wait_for(here.run(resent), 5)).result == 2
     assert runs[-1][0] == second[0] and len([r for r in runs if r[0] == second[0]]) == 1
 

@@ -163,14 +163,21 @@ async def test_prometheus_text_counts_every_task_once(
     )
     assert _sum(_scrape(), "store_rows_written_total") > rows
     # a session's runs one after another: the replica starts each after the first ahead of its
-    # begin, from the state the one before left
+    # begin, from the state the one before left; so do the API's runs of new tasks, which the
+    # orchestrator sends to a replica of their service
     async with AsyncLlamaDeployClient(control_plane_config) as client:
         session = await client.create_session()
         for word in ("one", "two", "three"):
             await session.run("observed-json", word=word)
+    api_run = f"{control_plane_config.url}/sessions/{session.session_id}/run"
+    async with httpx.AsyncClient(timeout=30) as http:
+        for word in ("four", "five"):
+            body = {"input": json.dumps({"word": word}), "agent_id": "observed-json"}
+            answer = await http.post(api_run, json=body)
+            assert answer.json()["status"] == "completed", answer.text
     wait_for(
         lambda: (
-            _sum(_scrape(), "runs_ahead_total", service="observed-json", outcome="started") >= 2
+            _sum(_scrape(), "runs_ahead_total", service="observed-json", outcome="started") >= 4
         ),
         timeout_s=60,
         what="the runs started ahead of their begin",

@@ -117,10 +117,11 @@ class _HeldStates:
 
     def take(self, task: TaskDefinition) -> _Held | None:
         """The state the task's session left on its service, if held; the task begins here
-        (the state is held no more)."""
-        _, held = self._entries.get(_pair_of(task), ("", None))
-        if held is not None:
-            self.began(task)
+        (the state is held no more). None for a task that began here before (sent again)."""
+        last, held = self._entries.get(_pair_of(task), ("", None))
+        if held is None or last == task.task_id:
+            return None
+        self.began(task)
         return held
 
     def forget(self, pair: _Pair, task_id: str | None = None) -> None:

@@ -136,5 +136,6 @@ async def _run_child(parent: ParentRun, child: TaskDefinition) -> TaskResult:
         if result is not None:
             return result
     # the control plane refuses an unknown service before recording anything, so asking for
-    # the child task is also how we learn whether the service exists
-    return await parent.orchestrator.run(child)
+    # the child task is also how we learn whether the service exists; its id named, the
+    # orchestrator drives it itself (it may have begun on the replica just asked)
+    return await parent.orchestrator.run(child.model_copy(update={"task_id": child.task_id}))
