@@ -372,8 +372,7 @@ async def test_only_a_replica_not_seen_dead_counts_against_max_retries(
 
     shard = ControlPlaneShard(ActorLike(control_plane))  # type: ignore[arg-type]
     config = SimpleOrchestratorConfig(max_retries=2, retry_backoff_s=0.01)
-    driver = PublishingDriver(ControlPlaneHandle([shard]), config)
-    driver._queue = Replicas()  # type: ignore[assignment]
+    driver = PublishingDriver(ControlPlaneHandle([shard]), config, Replicas())  # type: ignore[arg-type]
     task = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
 
     result = await asyncio.wait_for(driver.run(task), timeout=30)

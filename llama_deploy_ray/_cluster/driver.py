@@ -499,12 +499,18 @@ class TaskDriver:
 
 
 class PublishingDriver(TaskDriver):
-    """Publishes each task to a replica of its service, and retries when the replica died."""
+    """Publishes each task to a replica of its service (on `services`), and retries when the
+    replica died."""
 
-    def __init__(self, control_plane: ControlPlaneHandle, config: SimpleOrchestratorConfig) -> None:
+    def __init__(
+        self,
+        control_plane: ControlPlaneHandle,
+        config: SimpleOrchestratorConfig,
+        services: RayMessageQueue,
+    ) -> None:
         super().__init__(control_plane, adopts_orphans=True, holds_states=False)
         self._config = config
-        self._queue = RayMessageQueue()
+        self._services = services
 
     async def _deliver(self, started: StartedTask) -> TaskOutcome:
         task_id = started.task.task_id
@@ -549,12 +555,8 @@ class PublishingDriver(TaskDriver):
                 error_type="ReplicaDiedError",
             )
 
-    async def check_event(self, service_name: str, event: dict[str, Any]) -> None:
-        """Raise `InvalidRequestError` unless a replica of the service can rebuild `event`."""
-        await self._queue.check_event(service_name, event)
-
     async def _publish(self, task_id: str, message: QueueMessage) -> TaskOutcome:
-        response = self._queue.publish(message)
+        response = self._services.publish(message)
         self._in_flight[task_id] = response
         try:
             return await response

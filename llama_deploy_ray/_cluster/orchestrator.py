@@ -27,8 +27,8 @@ from .message_queue import RayMessageQueue
 class SimpleOrchestrator:
     def __init__(self, config: SimpleOrchestratorConfig, namespace: str) -> None:
         self._control_plane = ControlPlaneHandle.lookup(namespace)
-        self._driver = PublishingDriver(self._control_plane, config)
-        self._services = RayMessageQueue()  # where new tasks go first
+        self._services = RayMessageQueue()
+        self._driver = PublishingDriver(self._control_plane, config, self._services)
         # an async actor's __init__ runs on its event loop: a restarted orchestrator starts
         # adopting orphans without waiting for a request
         self._driver.start()
@@ -69,7 +69,7 @@ class SimpleOrchestrator:
         """Deliver `event` into the task; a task parked waiting for input is resumed. An event
         the service's workflow could not take (an unknown class, fields that do not fit it) is
         refused here, by one of its replicas, not dropped later."""
-        await self._driver.check_event(service_name, event)
+        await self._services.check_event(service_name, event)
         started = await self._control_plane.for_session(session_id).deliver_event(
             session_id, task_id, service_name, event, self._driver.driver_id
         )
