@@ -5,6 +5,7 @@ shard count."""
 from __future__ import annotations
 
 import collections
+import random
 import uuid
 from pathlib import Path
 
@@ -38,7 +39,12 @@ def test_a_session_lives_on_the_same_shard_for_every_process_and_release() -> No
     # the placement of stored sessions must never change: these values are fixed forever
     assert [shard_of(f"session-{i}", 4) for i in range(8)] == [3, 0, 1, 0, 0, 3, 0, 2]
     assert shard_of("anything", 1) == 0
-    placed = collections.Counter(shard_of(uuid.uuid4().hex, 4) for _ in range(4000))
+    # session ids as uuid4 makes them, from a seeded generator: the same ids every run (random
+    # ones fell outside the bound now and then, ~3 standard deviations from the mean)
+    ids = random.Random(0)
+    placed = collections.Counter(
+        shard_of(uuid.UUID(int=ids.getrandbits(128), version=4).hex, 4) for _ in range(4000)
+    )
     assert set(placed) == {0, 1, 2, 3}
     assert max(placed.values()) < 1.15 * min(placed.values())
 
