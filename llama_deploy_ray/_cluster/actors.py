@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -41,6 +41,7 @@ from .._shared.events import EventBatch
 from .._shared.retry import call_actor
 from .._shared.types import (
     DriverNotice,
+    FinishedTasks,
     ServiceDefinition,
     SessionDefinition,
     StartedTask,
@@ -48,6 +49,7 @@ from .._shared.types import (
     TaskOutcome,
     TaskResult,
 )
+from .call_socket import Address, CallClient
 from .outbox import Batcher
 
 # Ray's resource that only the head node has: the core's actors live there, as Serve's
@@ -114,6 +116,14 @@ class ControlPlaneShard(_Handle):
             tuple[TaskDefinition, str, bool, bool, bool, str | None],
             StartedTask | TaskResult | LlamaDeployError | None,
         ] = Batcher(self._begin_tasks)
+        self._socket = CallClient(self._socket_address)
+
+    async def _socket_address(self) -> tuple[Address, bytes]:
+        return await call_actor(self._actor.call_socket.remote)
+
+    async def _ask(self, method: str, *args: Any, again: bool = True) -> Any:
+        """The actor's `method(*args)`, sent on its socket (see `_call_socket`)."""
+        return await self._call(functools.partial(self._socket.send, method, *args), again=again)
 
     # the cluster
 
@@ -121,14 +131,14 @@ class ControlPlaneShard(_Handle):
         return ray.get(self._actor.shard_count.remote())
 
     async def state_secret(self) -> bytes:
-        return await self._call(self._actor.state_secret.remote)
+        return await self._ask("state_secret")
 
     def state_secret_blocking(self) -> bytes:
         """For a replica's constructor, which runs before its event loop takes calls."""
         return ray.get(self._actor.state_secret.remote())
 
     async def sizes(self) -> dict[str, int]:
-        return await self._call(self._actor.sizes.remote)
+        return await self._ask("sizes")
 
     # services
 
@@ -138,54 +148,42 @@ class ControlPlaneShard(_Handle):
         accepted_events: list[str] | None = None,
         deployment: str | None = None,
     ) -> ServiceDefinition:
-        return await self._call(
-            functools.partial(
-                self._actor.register_service.remote, definition, accepted_events, deployment
-            )
-        )
+        return await self._ask("register_service", definition, accepted_events, deployment)
 
     async def deregister_service(self, service_name: str) -> None:
-        await self._call(
-            functools.partial(self._actor.deregister_service.remote, service_name), again=False
-        )
+        await self._ask("deregister_service", service_name, again=False)
 
     async def get_service(self, service_name: str) -> ServiceDefinition:
-        return await self._call(functools.partial(self._actor.get_service.remote, service_name))
+        return await self._ask("get_service", service_name)
 
     async def list_services(self) -> list[ServiceDefinition]:
-        return await self._call(self._actor.list_services.remote)
+        return await self._ask("list_services")
 
     async def deployments(self) -> dict[str, str]:
-        return await self._call(self._actor.deployments.remote)
+        return await self._ask("deployments")
 
     async def service_tasks(self, service_name: str) -> dict[str, int]:
-        return await self._call(functools.partial(self._actor.service_tasks.remote, service_name))
+        return await self._ask("service_tasks", service_name)
 
     # sessions
 
     async def create_session(self, session_id: str) -> SessionDefinition:
-        return await self._call(
-            functools.partial(self._actor.create_session.remote, session_id), again=False
-        )
+        return await self._ask("create_session", session_id, again=False)
 
     async def get_or_create_session(self, session_id: str) -> SessionDefinition:
-        return await self._call(
-            functools.partial(self._actor.get_or_create_session.remote, session_id)
-        )
+        return await self._ask("get_or_create_session", session_id)
 
     async def get_session(self, session_id: str) -> SessionDefinition:
-        return await self._call(functools.partial(self._actor.get_session.remote, session_id))
+        return await self._ask("get_session", session_id)
 
     async def list_sessions(self, offset: int, limit: int | None) -> list[SessionDefinition]:
-        return await self._call(functools.partial(self._actor.list_sessions.remote, offset, limit))
+        return await self._ask("list_sessions", offset, limit)
 
     async def delete_session(self, session_id: str) -> None:
-        await self._call(
-            functools.partial(self._actor.delete_session.remote, session_id), again=False
-        )
+        await self._ask("delete_session", session_id, again=False)
 
     async def get_session_state(self, session_id: str) -> dict[str, dict[str, Any]]:
-        return await self._call(functools.partial(self._actor.get_session_state.remote, session_id))
+        return await self._ask("get_session_state", session_id)
 
     # tasks
 
@@ -211,83 +209,71 @@ class ControlPlaneShard(_Handle):
     ) -> list[StartedTask | TaskResult | LlamaDeployError | None]:
         sent = 0
 
-        def begin() -> Any:
+        def begin() -> Awaitable[Any]:
             nonlocal sent
             sent += 1  # a call sent again says so: the tasks it may have begun are its own
-            return self._actor.begin_tasks.remote(
+            return self._socket.send(
+                "begin_tasks",
                 [
                     (task, owner, resent or sent > 1, handler, queue, held)
                     for task, owner, handler, queue, resent, held in begins
-                ]
+                ],
             )
 
         return await self._call(begin)
 
     async def start_task(self, task_id: str, owner: str) -> StartedTask | None:
-        return await self._call(functools.partial(self._actor.start_task.remote, task_id, owner))
+        return await self._ask("start_task", task_id, owner)
 
     async def record_retry(self, task_id: str) -> None:
-        await self._call(functools.partial(self._actor.record_retry.remote, task_id))
+        await self._ask("record_retry", task_id)
 
     async def park_task(self, task_id: str, outcome: TaskOutcome) -> StartedTask | None:
-        return await self._call(functools.partial(self._actor.park_task.remote, task_id, outcome))
+        return await self._ask("park_task", task_id, outcome)
 
     async def deliver_event(
         self, session_id: str, task_id: str, service_name: str, event: dict[str, Any], owner: str
     ) -> StartedTask | None:
-        return await self._call(
-            functools.partial(
-                self._actor.deliver_event.remote, session_id, task_id, service_name, event, owner
-            ),
-            again=False,
+        return await self._ask(
+            "deliver_event", session_id, task_id, service_name, event, owner, again=False
         )
 
     async def read_inbox(self, task_id: str, after: int, wait_s: float) -> EventBatch:
-        return await self._call(
-            functools.partial(self._actor.read_inbox.remote, task_id, after, wait_s)
-        )
+        return await self._ask("read_inbox", task_id, after, wait_s)
 
     async def append_events(self, events: dict[str, list[dict[str, Any]]]) -> None:
-        await self._call(functools.partial(self._actor.append_events.remote, events))
+        await self._ask("append_events", events)
 
     async def read_events(
         self, session_id: str, task_id: str, after: int, wait_s: float
     ) -> EventBatch:
-        return await self._call(
-            functools.partial(self._actor.read_events.remote, session_id, task_id, after, wait_s)
-        )
+        return await self._ask("read_events", session_id, task_id, after, wait_s)
 
     async def cancel_task(self, session_id: str, task_id: str) -> TaskResult:
-        return await self._call(
-            functools.partial(self._actor.cancel_task.remote, session_id, task_id), again=False
-        )
+        return await self._ask("cancel_task", session_id, task_id, again=False)
 
     async def finish_task(self, task_id: str, outcome: TaskOutcome) -> TaskResult:
-        return await self._call(functools.partial(self._actor.finish_task.remote, task_id, outcome))
+        return await self._ask("finish_task", task_id, outcome)
 
-    def finish_tasks_ref(
+    def finish_tasks_sent(
         self, outcomes: dict[str, TaskOutcome], hold_states: bool
-    ) -> ray.ObjectRef:
-        """`finish_tasks`, sent now; its ref resolves to its `FinishedTasks`."""
-        return self._actor.finish_tasks.remote(outcomes, hold_states)
+    ) -> Awaitable[FinishedTasks]:
+        """`finish_tasks`, sent now (once connected, when not yet); await its answer."""
+        return self._socket.send("finish_tasks", outcomes, hold_states)
 
     async def get_task(
         self, session_id: str | None, task_id: str, wait_s: float = 0.0
     ) -> TaskResult:
-        return await self._call(
-            functools.partial(self._actor.get_task.remote, session_id, task_id, wait_s)
-        )
+        return await self._ask("get_task", session_id, task_id, wait_s)
 
     async def list_tasks(self, session_id: str, offset: int, limit: int | None) -> list[TaskResult]:
-        return await self._call(
-            functools.partial(self._actor.list_tasks.remote, session_id, offset, limit)
-        )
+        return await self._ask("list_tasks", session_id, offset, limit)
 
     async def get_current_task(self, session_id: str) -> TaskResult | None:
-        return await self._call(functools.partial(self._actor.get_current_task.remote, session_id))
+        return await self._ask("get_current_task", session_id)
 
     async def latest_tasks(self, session_prefix: str) -> list[TaskResult]:
-        return await self._call(functools.partial(self._actor.latest_tasks.remote, session_prefix))
+        return await self._ask("latest_tasks", session_prefix)
 
     # drivers
 
@@ -297,11 +283,7 @@ class ControlPlaneShard(_Handle):
     async def watch_driver(
         self, driver_id: str, wait_s: float, adopt_orphans: bool, incarnation: str
     ) -> DriverNotice:
-        return await self._call(
-            functools.partial(
-                self._actor.watch_driver.remote, driver_id, wait_s, adopt_orphans, incarnation
-            )
-        )
+        return await self._ask("watch_driver", driver_id, wait_s, adopt_orphans, incarnation)
 
 
 def shard_of(session_id: str, shards: int) -> int:

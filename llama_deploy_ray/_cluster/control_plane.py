@@ -70,6 +70,7 @@ from .._shared.types import (
     TaskResult,
     TaskStatus,
 )
+from .call_socket import Address, CallServer
 from .metrics import ControlPlaneMetrics, count_calls
 from .store import (
     Batch,
@@ -176,6 +177,7 @@ class ControlPlane:
         self._task_retention_s = task_retention_s
         self._session_retention_s = session_retention_s
         self._state_secret = state_secret
+        self._calls = CallServer(self, type(self), state_secret)
         self._max_events = max_events_per_task
         # final tasks, oldest first, dropped `task_retention_s` after they ended
         self._finished: deque[tuple[float, str]] = deque()
@@ -209,6 +211,11 @@ class ControlPlane:
     async def shard_count(self) -> int:
         """How many control-plane actors the sessions are spread over (see `_actors`)."""
         return self._shards
+
+    async def call_socket(self) -> tuple[Address, bytes]:
+        """Where this actor takes the calls of every process (see `_call_socket`), and the
+        secret a connection proves it knows."""
+        return await self._calls.address(), self._state_secret
 
     async def state_secret(self) -> bytes:
         """The key replicas sign pickled workflow state with (see `_state_serializer`); it is

@@ -405,7 +405,7 @@ class TaskDriver:
         hold = self._held is not None
         return asyncio.gather(
             *(
-                self._record(shard, o, shard.finish_tasks_ref(o, hold), pairs)
+                self._record(shard, o, shard.finish_tasks_sent(o, hold), pairs)
                 for shard, o in by_shard.items()
             )
         )
@@ -414,14 +414,14 @@ class TaskDriver:
         self,
         shard: ControlPlaneShard,
         batch: dict[str, TaskOutcome],
-        sent: ray.ObjectRef,
+        sent: Awaitable[FinishedTasks],
         pairs: dict[str, _Pair],
     ) -> None:
-        first: ray.ObjectRef | None = sent
+        first: Awaitable[FinishedTasks] | None = sent
 
         async def record() -> FinishedTasks:
             nonlocal first
-            call, first = first or shard.finish_tasks_ref(batch, self._held is not None), None
+            call, first = first or shard.finish_tasks_sent(batch, self._held is not None), None
             return await call  # unreachable (it restarts): the policy sends it again
 
         try:
