@@ -1,12 +1,15 @@
 """The core's two actors, the control plane and the orchestrator: their names, how they are
 started, and the typed handles every other module calls them through.
 
-A handle's methods are the actor's, typed. Calls that are safe to repeat (reads, and the
-drivers' calls, which the control plane makes idempotent) are sent again while the actor
+A handle's methods are the actor's, typed. The control plane's travel on its call socket
+(`_call_socket`: a Ray actor call costs about a millisecond of CPU on each side, a frame there
+a few hundredths), the orchestrator's as Ray calls. Calls that are safe to repeat (reads, and
+the drivers' calls, which the control plane makes idempotent) are sent again while the actor
 restarts (`_retry.call_actor`); the others (creating a session, deleting one, cancelling a
 task, sending an event) are sent once, and a restart shows as `ControlPlaneUnavailableError`
-to whoever asked. Two calls return their ref instead of awaiting it, for callers that send now
-and collect later: `finish_tasks_ref` and `heartbeat_ref`.
+to whoever asked. Two calls are sent now and answered later, for callers that collect the
+answer afterwards: `finish_tasks_sent` and `heartbeat_ref` (a Ray call: the heartbeat beats
+from a thread of its own, without an event loop).
 
 The control plane may be several actors, shards that each hold the sessions whose id hashes
 to them (`ControlPlaneConfig.shards`). `ControlPlaneHandle` is the whole control plane: what

@@ -18,7 +18,7 @@ secret (an HMAC of a nonce the actor sends): only the cluster's processes hold i
     server = CallServer(control_plane, ControlPlane, secret)   # in the actor
     address = await server.address()
     client = CallClient(find)    # in any process: `await find()` is (address, secret)
-    result = await client.call("get_task", session_id, task_id, 0.0)
+    result = await client.send("get_task", session_id, task_id, 0.0)
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def _keep_alive(writer: asyncio.StreamWriter) -> None:
 
 
 class CallServer:
-    """Takes calls of `target`'s public coroutine methods on a socket of this node."""
+    """Takes calls of `target`'s methods on a socket of this node: the public coroutine
+    methods of its class `calls_of`."""
 
     def __init__(self, target: object, calls_of: type, secret: bytes) -> None:
-        """Takes calls of the public coroutine methods of class `calls_of` (`target`'s)."""
         self._target = target
         self._secret = secret
         self._methods = frozenset(
@@ -166,9 +166,10 @@ class _Connection:
         if not self.open:
             raise CallSocketClosed(f"the connection for {method} was closed")
         call_id = next(self._ids)
+        frame = _frame((call_id, method, args))
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = answer
-        self._writer.write(_frame((call_id, method, args)))
+        self._writer.write(frame)
         return answer
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -207,9 +208,6 @@ class CallClient:
         self._connections: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Future[_Connection]
         ] = weakref.WeakKeyDictionary()
-
-    async def call(self, method: str, *args: Any) -> Any:
-        return await self.send(method, *args)
 
     def send(self, method: str, *args: Any) -> Awaitable[Any]:
         """Send the call now when connected (else once connected, before any later call);

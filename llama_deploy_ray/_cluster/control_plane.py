@@ -177,7 +177,6 @@ class ControlPlane:
         self._task_retention_s = task_retention_s
         self._session_retention_s = session_retention_s
         self._state_secret = state_secret
-        self._calls = CallServer(self, type(self), state_secret)
         self._max_events = max_events_per_task
         # final tasks, oldest first, dropped `task_retention_s` after they ended
         self._finished: deque[tuple[float, str]] = deque()
@@ -202,6 +201,7 @@ class ControlPlane:
         self._commits = self._rows_written = 0
         if self._store is not None:
             self._load(self._store.load())
+        self._calls = CallServer(self, type(self), self._state_secret)  # the stored one, if any
         self._mark(("meta", "secret"), ("meta", "shards"))
 
     async def ready(self) -> bool:

@@ -1,0 +1,128 @@
+"""The control plane's call socket, on real sockets: calls start in the order sent, errors come
+back as themselves, a connection without the secret gets nothing, a broken connection fails
+its calls as an unreachable actor does, then is made again, and a control plane restarted on
+its store checks the stored secret."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from ray.exceptions import ActorUnavailableError
+
+from llama_deploy_ray._cluster.call_socket import Address, CallClient, CallServer, CallSocketClosed
+from llama_deploy_ray._cluster.control_plane import ControlPlane
+from llama_deploy_ray._shared.errors import TaskNotFoundError
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+class Target:
+    def __init__(self) -> None:
+        self.started: list[int] = []
+
+    async def record(self, n: int, wait_s: float = 0.0) -> int:
+        self.started.append(n)
+        await asyncio.sleep(wait_s)
+        return n
+
+    async def refuse(self, task_id: str) -> None:
+        raise TaskNotFoundError(task_id)
+
+    async def _private(self) -> None:
+        raise AssertionError("a private method must not be callable")
+
+
+def _client(server: CallServer, secret: bytes = SECRET) -> CallClient:
+    async def find() -> tuple[Address, bytes]:
+        return await server.address(), secret
+
+    return CallClient(find)
+
+
+async def test_calls_start_in_the_order_sent_and_errors_come_back_as_themselves() -> None:
+    target = Target()
+    client = _client(CallServer(target, Target, SECRET))
+    # the later calls are quicker: answered first, but started in the order sent
+    sent = [client.send("record", n, 0.05 * (5 - n)) for n in range(5)]
+    assert await asyncio.gather(*sent) == [0, 1, 2, 3, 4]
+    assert target.started == [0, 1, 2, 3, 4]
+
+    with pytest.raises(TaskNotFoundError, match="t-1"):
+        await client.send("refuse", "t-1")
+    for method in ("_private", "no_such_call"):
+        with pytest.raises(AttributeError, match=f"no call '{method}'"):
+            await client.send(method)
+
+
+async def test_a_connection_without_the_secret_gets_no_answer() -> None:
+    target = Target()
+    client = _client(CallServer(target, Target, SECRET), secret=b"a guess")
+    with pytest.raises(CallSocketClosed):
+        await asyncio.wait_for(client.send("record", 1), 5)
+    assert target.started == []
+
+
+async def test_a_frame_before_the_proof_is_not_taken() -> None:
+    """A peer that skips the handshake and sends a call: the server reads its first 32 bytes
+    as the proof, refuses it, and never unpickles anything."""
+    target = Target()
+    server = CallServer(target, Target, SECRET)
+    host, port = await server.address()
+    reader, writer = await asyncio.open_connection(host, port)
+    await reader.readexactly(16)  # the nonce
+    writer.write(struct.pack("!Q", 40) + b"x" * 40)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    writer.close()
+    assert target.started == []
+
+
+async def test_a_broken_connection_fails_its_calls_as_an_unreachable_actor_and_is_made_again() -> (
+    None
+):
+    """The actor dies with a call on its connection (here: a server that reads the call and
+    closes): the call fails with an error the handles send again (an `ActorUnavailableError`),
+    and the next call connects to where the restarted actor listens."""
+
+    async def dies_with_the_call(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"n" * 16)
+        await reader.readexactly(32)  # the proof
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+        await reader.readexactly(length)
+        writer.close()
+
+    dying = await asyncio.start_server(dies_with_the_call, "127.0.0.1", 0)
+    restarted = Target()
+    addresses = [
+        dying.sockets[0].getsockname()[:2],
+        await CallServer(restarted, Target, SECRET).address(),
+    ]
+
+    async def find() -> tuple[Address, bytes]:
+        return addresses.pop(0), SECRET
+
+    client = CallClient(find)
+    with pytest.raises(ActorUnavailableError):
+        await asyncio.wait_for(client.send("record", 1), 5)
+    assert await client.send("record", 2) == 2
+    assert restarted.started == [2]
+    dying.close()
+
+
+async def test_a_control_plane_restarted_on_its_store_takes_calls_with_the_stored_secret(
+    tmp_path,
+) -> None:
+    """Ray restarts the actor with the secret it was first given, or a whole new cluster
+    starts one with a new secret, on the old store: the secret is the stored one, and so is
+    the one its socket checks."""
+    store = str(tmp_path / "state.sqlite3")
+    first = ControlPlane(60, 60, state_secret=SECRET, state_store=store)
+    await first.ready()
+    session = await first.create_session()
+    await first.ready()  # committed
+    restarted = ControlPlane(60, 60, state_secret=b"a new cluster's secret", state_store=store)
+    client = CallClient(restarted.call_socket)
+    assert (await client.send("get_session", session.session_id)).session_id == session.session_id
