@@ -126,3 +126,19 @@ async def test_a_control_plane_restarted_on_its_store_takes_calls_with_the_store
     restarted = ControlPlane(60, 60, state_secret=b"a new cluster's secret", state_store=store)
     client = CallClient(restarted.call_socket)
     assert (await client.send("get_session", session.session_id)).session_id == session.session_id
+
+
+async def test_a_client_let_go_closes_its_connection() -> None:
+    """A process that looked the control plane up for one call lets its handle go: the
+    connection closes then, not later in the garbage collector with its reader pending."""
+
+    def readers() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "_Connection._read"]
+
+    before = set(readers())  # the other tests' (this event loop may be theirs too)
+    client = _client(CallServer(Target(), Target, SECRET))
+    assert await client.send("record", 1) == 1
+    assert len(set(readers()) - before) == 1
+    del client
+    await asyncio.sleep(0.01)
+    assert set(readers()) - before == set()

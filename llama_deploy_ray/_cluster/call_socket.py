@@ -24,6 +24,7 @@ secret (an HMAC of a nonce the actor sends): only the cluster's processes hold i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import inspect
@@ -34,7 +35,7 @@ import pickle
 import socket
 import struct
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import ray
@@ -161,6 +162,11 @@ class _Connection:
     def open(self) -> bool:
         return not self._reading.done()
 
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # its event loop is closed: so is it
+            self._reading.cancel()
+            self._writer.close()
+
     def send(self, method: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Send the call now; the future gets its answer."""
         if not self.open:
@@ -197,6 +203,12 @@ class _Connection:
         self._waiting.clear()
 
 
+def _close_all(connections: Mapping[Any, asyncio.Future[_Connection]]) -> None:
+    for connecting in list(connections.values()):
+        if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+            connecting.result().close()
+
+
 class CallClient:
     """Sends calls to one control-plane actor on its socket (see the module's docstring)."""
 
@@ -208,6 +220,9 @@ class CallClient:
         self._connections: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Future[_Connection]
         ] = weakref.WeakKeyDictionary()
+        # a handle let go (a process that looked the control plane up for one call) closes
+        # its connections, rather than leave them to the garbage collector, pending
+        weakref.finalize(self, _close_all, self._connections)
 
     def send(self, method: str, *args: Any) -> Awaitable[Any]:
         """Send the call now when connected (else once connected, before any later call);
