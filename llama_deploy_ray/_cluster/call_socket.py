@@ -163,9 +163,9 @@ class _Connection:
         return not self._reading.done()
 
     def close(self) -> None:
+        """Close it from any thread (the garbage collector's may not be its event loop's)."""
         with contextlib.suppress(RuntimeError):  # its event loop is closed: so is it
-            self._reading.cancel()
-            self._writer.close()
+            self._reading.get_loop().call_soon_threadsafe(self._reading.cancel)
 
     def send(self, method: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Send the call now; the future gets its answer."""
