@@ -3,7 +3,7 @@
 - the floor: each workflow in-process (`await wf.run()`), and behind a bare Ray Serve
   deployment called over HTTP and through a `DeploymentHandle`;
 - llama-deploy-ray through its HTTP clients (sync for latency, async for throughput) and
-  through its Python API inside the cluster (the orchestrator actor), and the way a nested
+  through its Python API inside the cluster (`ClusterSession`), and the way a nested
   workflow calls its child (the child service's handle, `run_if_first`);
 - llama-deploy-ray's second HTTP API, LlamaIndex's workflow server API (`ours_ws_api`), with
   the same plain httpx client as bare Serve;
@@ -187,6 +187,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
 
     from llama_deploy_ray import (
         AsyncLlamaDeployClient,
+        ClusterSession,
         ControlPlaneConfig,
         LlamaDeployClient,
         TaskDefinition,
@@ -195,7 +196,7 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
         deploy_workflow,
     )
     from llama_deploy_ray._client.clients import PooledTransport
-    from llama_deploy_ray._shared.config import CONTROL_PLANE_ACTOR_NAME, ORCHESTRATOR_ACTOR_NAME
+    from llama_deploy_ray._shared.config import CONTROL_PLANE_ACTOR_NAME
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     class BareWorkflow:
@@ -235,7 +236,6 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
 
     async def run_all() -> None:
         control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME)
-        orchestrator = ray.get_actor(ORCHESTRATOR_ACTOR_NAME)
         # the same connection pools as our client, so that the load generator is no more the
         # limit for one than for the other
         async with (
@@ -272,15 +272,8 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                     return lambda: http.post(url, json={"start_event": kwargs})
 
                 async def api_session(name=name) -> Callable[[], Awaitable[Any]]:
-                    session = await control_plane.create_session.remote()
-
-                    def run() -> Any:
-                        task = TaskDefinition(
-                            input=json.dumps(kwargs), agent_id=name, session_id=session.session_id
-                        )
-                        return orchestrator.run.remote(task)
-
-                    return run
+                    session = await ClusterSession.create(config)
+                    return lambda: session.run(name, **kwargs)
 
                 async def nested_session(name=name) -> Callable[[], Awaitable[Any]]:
                     session = await control_plane.create_session.remote()
@@ -540,7 +533,7 @@ def table(results: dict[str, Any]) -> str:
             handle = row["serve_handle"]["p50_ms"]
             api, nested = row["ours_python_api"]["p50_ms"], row["ours_nested_call"]["p50_ms"]
             lines.append(
-                f"ours in the cluster / bare Serve handle, p50: Python API (the orchestrator) "
+                f"ours in the cluster / bare Serve handle, p50: Python API (ClusterSession) "
                 f"x{api / handle:.2f}, a nested workflow's call x{nested / handle:.2f}"
             )
             if workload == "hello" and "seed" in results:

@@ -9,6 +9,7 @@ from ._client.clients import (
     LlamaDeployClient,
     SessionClient,
 )
+from ._cluster.cluster_session import ClusterSession
 from ._cluster.deploy import deploy_core, deploy_workflow
 from ._cluster.nested import add_workflows
 from ._shared.config import (
@@ -53,6 +54,7 @@ __all__ = [
     "AsyncLlamaDeployClient",
     "AsyncSessionClient",
     "AutoscalingConfig",
+    "ClusterSession",
     "ControlPlaneConfig",
     "ControlPlaneUnavailableError",
     "ForbiddenError",

@@ -6,7 +6,9 @@ its store checks the stored secret."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import struct
+import weakref
 
 import pytest
 from ray.exceptions import ActorUnavailableError
@@ -142,3 +144,21 @@ async def test_a_client_let_go_closes_its_connection() -> None:
     del client
     await asyncio.sleep(0.01)
     assert set(readers()) - before == set()
+
+
+async def test_a_closed_event_loop_is_let_go() -> None:
+    """A process that runs `asyncio.run` again and again (a Ray task calling a workflow each
+    time) keeps one event loop's connection, not every loop it had."""
+    server = CallServer(Target(), Target, SECRET)
+    await server.address()  # it listens on this event loop, which stays
+    client = _client(server)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def call(n: int) -> int:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return await client.send("record", n)
+
+    for n in range(3):
+        assert await asyncio.to_thread(asyncio.run, call(n)) == n
+    gc.collect()
+    assert [loop() is None for loop in loops] == [True, True, False]

@@ -26,6 +26,13 @@ def test_quickstart_in_three_processes(control_plane_config, core_env) -> None:
     run_script(str(ROOT / "examples/quickstart/workflow.py"), core_env)
     output = run_script(str(ROOT / "examples/quickstart/client.py"), core_env)
     assert output.strip().splitlines()[-1] == "hello_world_result"
+    # from Ray tasks in the cluster, without HTTP
+    output = run_script(str(ROOT / "examples/quickstart/in_cluster.py"), core_env)
+    assert output.strip().splitlines()[-3:] == [
+        "ada_result grace_result",
+        "alan_result",
+        "barbara_result edsger_result",
+    ]
 
 
 def test_nested_workflows_from_two_processes_then_one(control_plane_config, core_env) -> None:

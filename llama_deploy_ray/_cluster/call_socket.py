@@ -247,6 +247,9 @@ class CallClient:
             and (connecting.exception() is not None or not connecting.result().open)
         )
         if connecting is None or broken:
+            # an entry's task holds its event loop, which would so outlive `asyncio.run`
+            for closed in [old for old in self._connections if old.is_closed()]:
+                del self._connections[closed]
             connecting = loop.create_task(self._connect())
             self._connections[loop] = connecting
         return connecting

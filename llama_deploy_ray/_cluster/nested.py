@@ -8,17 +8,14 @@ task on the deployed service of the same name when there is one (the child's own
 the parent's session, its events in the parent's stream), and runs the local instance
 otherwise (outside a deployment, or when no such service is registered).
 
-A child task goes straight to a replica of its service (one Serve hop, as a bare handle call),
-which records and runs it when it is first in its session's line there. One that would wait
-for its turn goes through the orchestrator, which waits holding no replica: a replica that
-waited would hold a request slot that the tasks ahead of it may need. If the child's replica
-dies mid-run, the orchestrator adopts the task once that replica's driver is silent, and the
-parent waits for its result on the control plane.
+A child task takes `ClusterSession.run`'s path (`_cluster_session`): straight to a replica of
+its service, which records and runs it when it is first in its session's line there; one that
+would wait for its turn goes through the orchestrator, which waits holding no replica (a
+replica that waited would hold a request slot that the tasks ahead of it may need).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import types
 from collections.abc import Awaitable, Callable
@@ -26,15 +23,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import RayActorError
 from workflows import Workflow
 
 from .._client.core import result_value, task_definition
-from .._shared.config import MAX_WAIT_S
 from .._shared.errors import InvalidRequestError, ServiceNotFoundError
-from .._shared.types import TaskDefinition, TaskResult
+from .._shared.types import TaskDefinition
 from .._shared.workflows_internals import copy_step_config, steps_of_class
 from .actors import ControlPlaneHandle, OrchestratorHandle
+from .cluster_session import run_task
 from .message_queue import RayMessageQueue
 
 NESTED_ATTR = "_llama_deploy_nested"
@@ -118,24 +114,9 @@ class NestedWorkflow:
         )
         await parent.before_child()
         try:
-            result = await _run_child(parent, child)
+            result = await run_task(
+                child, parent.services, parent.orchestrator, parent.control_plane
+            )
         except ServiceNotFoundError:
             return await self.local.run(**kwargs)
-        while not result.status.is_final:  # it waits for input; the parent's timeout bounds it
-            shard = parent.control_plane.for_session(child.session_id)
-            result = await shard.get_task(child.session_id, child.task_id, MAX_WAIT_S)
         return result_value(result)
-
-
-async def _run_child(parent: ParentRun, child: TaskDefinition) -> TaskResult:
-    """The child task's result, final or not (waiting for input, or driven elsewhere)."""
-    # no Serve application (registered only, or not at all), or its replica died: the
-    # orchestrator knows whether the service is registered, and finds a task that was begun
-    with contextlib.suppress(ServiceNotFoundError, RayActorError):
-        result = await parent.services.run_if_first(child)
-        if result is not None:
-            return result
-    # the control plane refuses an unknown service before recording anything, so asking for
-    # the child task is also how we learn whether the service exists; its id named, the
-    # orchestrator drives it itself (it may have begun on the replica just asked)
-    return await parent.orchestrator.run(child.model_copy(update={"task_id": child.task_id}))
