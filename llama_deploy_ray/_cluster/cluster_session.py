@@ -34,7 +34,7 @@ async def run_task(
     orchestrator: OrchestratorHandle,
     control_plane: ControlPlaneHandle,
 ) -> TaskResult:
-    """Run a new `task` (its id not named by a sender before) and return its final result."""
+    """Run a new `task` (`is_new`) and return its final result."""
     result = None
     # no Serve application (registered only, or not at all), its replica died, or its queue
     # is full: the orchestrator knows whether the service is registered, and finds a task
@@ -45,7 +45,7 @@ async def run_task(
         # the control plane refuses an unknown service before recording anything; its id
         # named, the orchestrator drives the task itself (it may have begun on the replica
         # just asked)
-        result = await orchestrator.run(task.model_copy(update={"task_id": task.task_id}))
+        result = await orchestrator.run(task.id_named())
     while not result.status.is_final:  # it waits for input
         shard = control_plane.for_session(task.session_id)
         result = await shard.get_task(task.session_id, task.task_id, MAX_WAIT_S)

@@ -46,7 +46,7 @@ class SimpleOrchestrator:
         One that would wait for its turn, or that names its id (it may have been sent
         before, and its steps must not run again), is driven from here."""
         result = None
-        if "task_id" not in task.model_fields_set:
+        if task.is_new:
             # no Serve application, its replica died, or its queue is full: as for any task
             with contextlib.suppress(ServiceNotFoundError, RayActorError, BackPressureError):
                 result = await self._services.run_if_first(task)

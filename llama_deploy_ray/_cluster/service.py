@@ -126,7 +126,7 @@ class WorkflowService:
             body = await self._guard.read_body(request.stream())
             task = TaskDefinition.model_validate_json(body)
             # an id this request did not name is made here; one it named, new if it says so
-            new = "task_id" not in task.model_fields_set or NEW_TASK_HEADER in request.headers
+            new = task.is_new or NEW_TASK_HEADER in request.headers
             task = task.sent_to(session_id, self._service_name)
             if path[-1] == "run-nowait":
                 return await self._run_nowait(task)

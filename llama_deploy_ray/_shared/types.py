@@ -95,6 +95,16 @@ class TaskDefinition(BaseModel):
     def run_kwargs(self) -> dict[str, Any]:
         return json.loads(self.input)
 
+    @property
+    def is_new(self) -> bool:
+        """Its id was made with it, not named by its sender: it was never sent before (one
+        whose id was named may have run already, and its steps must not run twice)."""
+        return "task_id" not in self.model_fields_set
+
+    def id_named(self) -> TaskDefinition:
+        """This task, its id named: whoever takes it next treats it as possibly sent before."""
+        return self.model_copy(update={"task_id": self.task_id})
+
     def sent_to(self, session_id: str, service_name: str | None = None) -> TaskDefinition:
         """This task in the session (and for the service) its request was sent to; a task
         that names another is refused."""
