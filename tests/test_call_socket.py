@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import pickle
 import struct
+import subprocess
+import sys
 import weakref
 
 import pytest
 from ray.exceptions import ActorUnavailableError
 
-from llama_deploy_ray._cluster.call_socket import Address, CallClient, CallServer, CallSocketClosed
+from llama_deploy_ray._cluster.call_socket import (
+    Address,
+    CallClient,
+    CallServer,
+    CallSocketClosed,
+    _frame,
+)
 from llama_deploy_ray._cluster.control_plane import ControlPlane
 from llama_deploy_ray._shared.errors import TaskNotFoundError
 
@@ -162,3 +171,28 @@ async def test_a_closed_event_loop_is_let_go() -> None:
         assert await asyncio.to_thread(asyncio.run, call(n)) == n
     gc.collect()
     assert [loop() is None for loop in loops] == [True, True, False]
+
+
+def test_a_class_of_a_scripts_main_is_shipped_by_value(monkeypatch) -> None:
+    """Frames are plain pickles where they can be; a value of a class that only the sending
+    script defines travels by value (as in Ray's calls), so another process can take it."""
+
+    class Answer:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+    assert pickle.loads(_frame(Answer(1))[8:]).n == 1  # a class made in a function
+    Answer.__module__, Answer.__qualname__ = "__main__", "Answer"
+    monkeypatch.setattr(sys.modules["__main__"], "Answer", Answer, raising=False)
+    body = _frame(Answer(42))[8:]
+    taken = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read()).n)",
+        ],
+        input=body,
+        capture_output=True,
+        timeout=60,
+    )
+    assert taken.stdout.strip() == b"42", taken.stderr.decode()[-2000:]
