@@ -228,10 +228,9 @@ class CallClient:
         """`find()` asks the actor where it listens, and the secret (a Ray call: it waits
         while the actor restarts)."""
         self._find = find
-        # an event loop's streams serve it alone
-        self._connections: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, asyncio.Future[_Connection]
-        ] = weakref.WeakKeyDictionary()
+        # an event loop's streams serve it alone; an entry's task holds its loop, so the
+        # entries of closed loops (`asyncio.run` returned) are dropped as new loops connect
+        self._connections: dict[asyncio.AbstractEventLoop, asyncio.Future[_Connection]] = {}
         # a handle let go (a process that looked the control plane up for one call) closes
         # its connections, rather than leave them to the garbage collector, pending
         weakref.finalize(self, _close_all, self._connections)
@@ -259,7 +258,6 @@ class CallClient:
             and (connecting.exception() is not None or not connecting.result().open)
         )
         if connecting is None or broken:
-            # an entry's task holds its event loop, which would so outlive `asyncio.run`
             for closed in [old for old in self._connections if old.is_closed()]:
                 del self._connections[closed]
             connecting = loop.create_task(self._connect())
