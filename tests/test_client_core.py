@@ -18,8 +18,10 @@ from llama_deploy_ray import (
     ServiceOverloadedError,
     TaskDefinition,
 )
-from llama_deploy_ray._shared.config import NEW_TASK_HEADER
+from llama_deploy_ray._shared.config import NEW_TASK_HEADER, workflow_route
 from llama_deploy_ray._shared.errors import error_to_json
+
+BASE = "http://127.0.0.1:8000"
 
 
 def test_task_definition_input_must_be_a_json_object() -> None:
@@ -77,15 +79,30 @@ def test_what_the_clients_send_again() -> None:
     assert not core.is_retryable(run, not_found)
     assert not core.is_retryable(run, answered(run, 422, error_to_json(InvalidRequestError("x"))))
     with pytest.raises(RequestTimeoutError, match="client's timeout"):
-        core.request_kwargs(run, deadline=time.monotonic() - 1, timeout_s=5)
+        core.request_kwargs(run, BASE, deadline=time.monotonic() - 1, timeout_s=5)
     # a run's first send says its task is new (a replica may start it before the control
     # plane confirms that); a resend may follow a send that arrived, and does not
     first, resent, again = itertools.islice(run.sends(), 3)
     deadline = time.monotonic() + 5
-    assert core.request_kwargs(first, deadline, 5)["headers"] == {NEW_TASK_HEADER: "1"}
+    assert core.request_kwargs(first, BASE, deadline, 5)["headers"] == {NEW_TASK_HEADER: "1"}
     for call in (resent, again, event):
-        assert "headers" not in core.request_kwargs(call, deadline, 5)
+        assert "headers" not in core.request_kwargs(call, BASE, deadline, 5)
     assert resent.body == first.body  # the same task id
+
+
+def test_a_call_is_sent_to_its_absolute_url_with_its_params() -> None:
+    from llama_deploy_ray._client import core
+
+    deadline = time.monotonic() + 5
+    sent = core.request_kwargs(core.get_task("s1", "t1", 2.0), BASE, deadline, 5)
+    assert sent["method"] == "GET"
+    assert str(sent["url"]) == f"{BASE}/sessions/s1/tasks/t1"
+    assert sent["params"] == {"wait_s": 2.0}
+    run = core.run_task("s1", core.task_definition("svc", {"a": 1}))
+    sent = core.request_kwargs(run, BASE, deadline, 5)
+    assert str(sent["url"]) == f"{BASE}{workflow_route('svc')}/sessions/s1/run"
+    assert "params" not in sent  # none to send
+    assert sent["json"] == run.body
 
 
 def test_the_retry_policy_backs_off_within_its_budget() -> None:

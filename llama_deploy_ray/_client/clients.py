@@ -91,9 +91,9 @@ class LlamaDeployClient:
         )
 
     def _send_once(self, call: Call[core.T], deadline: float) -> core.T:
-        kwargs = core.request_kwargs(call, deadline, self.timeout)
+        kwargs = core.request_kwargs(call, self.base_url, deadline, self.timeout)
         try:
-            response = self._http.request(call.method, call.path, **kwargs)
+            response = self._http.request(**kwargs)
         except httpx.TransportError as exc:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
@@ -101,8 +101,8 @@ class LlamaDeployClient:
     def _open(self, call: Call[Any], deadline: float) -> httpx.Response:
         """Send `call` and return its response once its headers arrived, its body unread (the
         caller closes it); an error answer is raised."""
-        kwargs = core.request_kwargs(call, deadline, self.timeout)
-        request = self._http.build_request(call.method, call.path, **kwargs)
+        kwargs = core.request_kwargs(call, self.base_url, deadline, self.timeout)
+        request = self._http.build_request(**kwargs)
         try:
             response = self._http.send(request, stream=True)
             if not response.is_success:
@@ -332,9 +332,9 @@ class AsyncLlamaDeployClient:
         )
 
     async def _send_once(self, call: Call[core.T], deadline: float) -> core.T:
-        kwargs = core.request_kwargs(call, deadline, self.timeout)
+        kwargs = core.request_kwargs(call, self.base_url, deadline, self.timeout)
         try:
-            response = await self._http.request(call.method, call.path, **kwargs)
+            response = await self._http.request(**kwargs)
         except httpx.TransportError as exc:
             raise core.transport_error(exc, call, self.base_url, self.timeout) from exc
         return core.read_response(call, response)
@@ -342,8 +342,8 @@ class AsyncLlamaDeployClient:
     async def _open(self, call: Call[Any], deadline: float) -> httpx.Response:
         """Send `call` and return its response once its headers arrived, its body unread (the
         caller closes it); an error answer is raised."""
-        kwargs = core.request_kwargs(call, deadline, self.timeout)
-        request = self._http.build_request(call.method, call.path, **kwargs)
+        kwargs = core.request_kwargs(call, self.base_url, deadline, self.timeout)
+        request = self._http.build_request(**kwargs)
         try:
             response = await self._http.send(request, stream=True)
             if not response.is_success:

@@ -7,6 +7,7 @@ here."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -373,17 +374,33 @@ def deadline_after(timeout_s: float) -> float:
     return time.monotonic() + timeout_s
 
 
-def request_kwargs(call: Call[Any], deadline: float, timeout_s: float) -> dict[str, Any]:
-    """httpx's arguments for `call`, which must be answered by `deadline`."""
+def request_kwargs(
+    call: Call[Any], base_url: str, deadline: float, timeout_s: float
+) -> dict[str, Any]:
+    """httpx's arguments for `call` to the control plane at `base_url`, which must be answered
+    by `deadline`."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise timed_out(call, timeout_s)
-    kwargs: dict[str, Any] = {"params": call.params, "timeout": remaining + call.hold_s}
+    kwargs: dict[str, Any] = {
+        "method": call.method,
+        "url": _url(base_url, call.path),
+        "timeout": remaining + call.hold_s,
+    }
+    if call.params:  # httpx parses the URL again for any params, even none
+        kwargs["params"] = call.params
     if call.body is not None:
         kwargs["json"] = call.body
     if call.new_task:
         kwargs["headers"] = {NEW_TASK_HEADER: "1"}
     return kwargs
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(base_url: str, path: str) -> httpx.URL:
+    """The absolute URL of `path`, parsed once: httpx parses a path relative to its client's
+    base URL twice on every request, a tenth of the client's CPU for a small run."""
+    return httpx.URL(base_url + path)
 
 
 def read_response(call: Call[T], response: httpx.Response) -> T:
