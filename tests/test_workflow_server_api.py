@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -148,6 +149,7 @@ async def test_run_answers_the_finished_handler(client: WorkflowClient) -> None:
     assert handler.result.value == {"result": "hello Ada"}
     assert handler.result.load_event([StopEvent]).result == "hello Ada"
     assert handler.completed_at is not None and handler.run_id
+    assert re.fullmatch("[A-Za-z0-9]{10}", handler.handler_id)  # the reference's ids
     # a StopEvent subclass comes back as itself
     named = await client.run_workflow("ws-named", start_event={"name": "Bo"})
     assert named.result is not None
