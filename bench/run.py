@@ -57,6 +57,10 @@ MODES = {"default": {}, "fast": FAST_ENV}
 NO_STORE = "fast_no_store"
 CPU = "cpu_ms_per_task"
 CPU_LEVEL = 50  # CPU per task is measured with this many sessions or more
+# a level's turns per system: a turn lasts about a second, and this shared machine's bursts of
+# load from elsewhere last as long (with two turns, one system's figure at one level was 0.63x
+# and 1.01x bare Serve's in two runs an hour apart)
+TURNS = 3
 
 
 class Sizes:
@@ -115,8 +119,8 @@ async def throughput(
     runs_per_level: int,
 ) -> dict[str, dict[str, float]]:
     """Tasks/s of each system with `level` sessions running at once, `runs_per_level` runs
-    in all (at least two each). At each level the systems take turns, twice, and each keeps
-    its better figure: load from elsewhere on the machine only ever lowers a figure. Also each
+    in all (at least two each). At each level the systems take `TURNS` turns, and each keeps
+    its best figure: load from elsewhere on the machine only ever lowers a figure. Also each
     system's CPU per task (`cpu_ms_per_task`; not for `in_process`, which runs in the client)
     over its timed runs at `CPU_LEVEL` sessions and more (all levels, if none is that high):
     with fewer, the system is mostly idle, and the CPU it is charged is mostly Ray's own
@@ -136,7 +140,7 @@ async def throughput(
         sessions = {name: [await make() for _ in range(level)] for name, make in makers.items()}
         for runs in sessions.values():
             await asyncio.gather(*(run() for run in runs))  # warm up: connections, replicas
-        for _ in range(2):
+        for _ in range(TURNS):
             for name, runs in sessions.items():
                 start, cpu_start = time.perf_counter(), system_cpu_s()
                 await asyncio.gather(*(loop(run, rounds) for run in runs))
