@@ -47,3 +47,20 @@ def test_bench_harness_smoke(tmp_path) -> None:
     assert results["default"]["memory"]["points"]
     assert (tmp_path / "latest.png").stat().st_size > 0
     assert "bare Serve over HTTP" in done.stdout
+
+
+def test_client_cpu_bench_smoke() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a free port for its stub server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench/client_cpu.py"), "--calls", "50", "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    for row in ("httpx AsyncClient post", "AsyncLlamaDeployClient run", "LlamaDeployClient run"):
+        assert f"| {row} |" in done.stdout
