@@ -135,7 +135,7 @@ def main() -> None:
         return
     server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(args.port)])
     try:
-        time.sleep(1.0)  # it listens within milliseconds; the first calls would retry anyway
+        time.sleep(1.0)  # it listens within milliseconds of starting
         best = asyncio.run(measure(args.port, args.calls))
     finally:
         server.kill()
