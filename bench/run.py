@@ -10,15 +10,16 @@
 - llama_deploy 0.2.4, the seed's own system, installed here into its own virtual environment
   from PyPI and driven with the same client calls (hello-world only: it is that slow);
 - `llama-agents-server` 0.8.0, LlamaIndex's own single-process server of that API, installed
-  the same way and driven with the same httpx calls as `ours_ws_api`, on its in-memory store
-  and on its SQLite store (hello-world);
+  the same way and driven with the same httpx calls as `ours_ws_api` (hello-world, fast mode):
+  it runs beside our Ray and takes its turns with the other systems, on its SQLite store when
+  ours is on and on its in-memory store when ours is off (`agents_server`);
 
 with Ray Serve's default settings and with its HAProxy ingress + throughput-optimized mode,
 each in a fresh local Ray, with the control plane's state store on (SQLite, the default); then
 hello-world once more in fast mode with the store off (`memory`), to show what the store costs.
 Usage (stop any other local Ray first, `ray stop`):
 
-    python bench/run.py            # everything, ~20 minutes on 2 cores
+    python bench/run.py            # everything, 40-60 minutes on 2 cores
     python bench/run.py --quick    # a smoke run: small sizes, no seed system
 
 Beside tasks/s, each system's CPU cost: CPU milliseconds per task summed over every process of
@@ -99,14 +100,22 @@ async def latencies(runs: dict[str, Callable[[], Awaitable[Any]]], n: int) -> di
     return {name: percentiles(figures) for name, figures in samples.items()}
 
 
-def system_cpu_s() -> float:
-    """CPU seconds used so far by every process this one started, and theirs: the system
-    under test (a Ray started here with its workers and HAProxy, or a server), without this
-    process, the client."""
+def system_cpu_s(root: int | None = None, apart: int | None = None) -> float:
+    """CPU seconds used so far by the system under test: every process this one started, and
+    theirs (a Ray started here with its workers and HAProxy), without this process, the
+    client; or only the process `root` and its children (a server run beside the Ray);
+    leaving out the process `apart` and its children (that server, when measuring the Ray)."""
     import psutil
 
+    if root is None:
+        processes = psutil.Process().children(recursive=True)
+    else:
+        processes = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    if apart is not None:
+        left_out = {apart, *(p.pid for p in psutil.Process(apart).children(recursive=True))}
+        processes = [p for p in processes if p.pid not in left_out]
     total = 0.0
-    for process in psutil.Process().children(recursive=True):
+    for process in processes:
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
             total += times.user + times.system
@@ -117,6 +126,7 @@ async def throughput(
     makers: dict[str, Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]],
     levels: list[int],
     runs_per_level: int,
+    cpu_s: Callable[[str], float],
 ) -> dict[str, dict[str, float]]:
     """Tasks/s of each system with `level` sessions running at once, `runs_per_level` runs
     in all (at least two each). At each level the systems take `TURNS` turns, and each keeps
@@ -124,9 +134,10 @@ async def throughput(
     system's CPU per task (`cpu_ms_per_task`; not for `in_process`, which runs in the client)
     over its timed runs at `CPU_LEVEL` sessions and more (all levels, if none is that high):
     with fewer, the system is mostly idle, and the CPU it is charged is mostly Ray's own
-    background work (GCS, raylet, dashboard), shared by every system, spread over few tasks."""
+    background work (GCS, raylet, dashboard), shared by every system, spread over few tasks.
+    `cpu_s(system)` is the CPU seconds that system's processes have used so far."""
     figures: dict[str, dict[str, float]] = {name: {} for name in makers}
-    cpu_s = dict.fromkeys(makers, 0.0)
+    used_s = dict.fromkeys(makers, 0.0)
     tasks = dict.fromkeys(makers, 0)
     cpu_level = CPU_LEVEL if max(levels) >= CPU_LEVEL else 0
 
@@ -142,16 +153,16 @@ async def throughput(
             await asyncio.gather(*(run() for run in runs))  # warm up: connections, replicas
         for _ in range(TURNS):
             for name, runs in sessions.items():
-                start, cpu_start = time.perf_counter(), system_cpu_s()
+                start, cpu_start = time.perf_counter(), cpu_s(name)
                 await asyncio.gather(*(loop(run, rounds) for run in runs))
                 rate = level * rounds / (time.perf_counter() - start)
                 if level >= cpu_level:
-                    cpu_s[name] += system_cpu_s() - cpu_start
+                    used_s[name] += cpu_s(name) - cpu_start
                     tasks[name] += level * rounds
                 figures[name][key] = max(rate, figures[name].get(key, 0.0))
     for name in makers:
         if name != "in_process":
-            figures[name]["cpu_ms_per_task"] = cpu_s[name] / tasks[name] * 1000
+            figures[name]["cpu_ms_per_task"] = used_s[name] / tasks[name] * 1000
     return figures
 
 
@@ -178,7 +189,11 @@ def free_port() -> int:
 # one mode, in its own process and its own Ray
 
 
-def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, Any]:
+def measure_mode(
+    sizes: Sizes, port: int, only: list[str] | None, agents_server: Path | None
+) -> dict[str, Any]:
+    """Every system on each workload in a fresh local Ray; with `agents_server` (the Python
+    of its virtual environment), `llama-agents-server` beside it on hello-world."""
     sys.path.insert(0, str(BENCH))
     import httpx
     import ray
@@ -237,6 +252,15 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
         serve.run(BareWorkflow.bind(name), name=f"bare_{name}", route_prefix=f"/bare/{name}")
     kwargs = {"arg1": "hello_world"}
     results: dict[str, Any] = {}
+    theirs_url = f"http://127.0.0.1:{free_port()}"
+    theirs = start_agents_server(agents_server, store, theirs_url) if agents_server else None
+
+    def cpu_s(system: str) -> float:
+        if theirs is None:
+            return system_cpu_s()
+        if system == "agents_server":
+            return system_cpu_s(root=theirs.pid)
+        return system_cpu_s(apart=theirs.pid)
 
     async def run_all() -> None:
         control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME)
@@ -291,6 +315,10 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
 
                     return run
 
+                async def agents_server_session() -> Callable[[], Awaitable[Any]]:
+                    url = f"{theirs_url}/workflows/hello/run"
+                    return lambda: http.post(url, json={"start_event": kwargs})
+
                 sessions = {
                     "in_process": inproc_session,
                     "serve_http": http_session,
@@ -301,11 +329,13 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
                     "ours_python_api": api_session,
                     "ours_nested_call": nested_session,
                 }
+                if theirs is not None and name == "hello":
+                    sessions["agents_server"] = agents_server_session
                 row = await latencies({s: await make() for s, make in sessions.items()}, n)
                 # the sync client's throughput is the async client's
                 makers = {s: make for s, make in sessions.items() if s != "ours_sync_client"}
                 for system, figures in (
-                    await throughput(makers, sizes.levels, sizes.runs_per_level)
+                    await throughput(makers, sizes.levels, sizes.runs_per_level, cpu_s)
                 ).items():
                     row[system] |= figures
                 results[name] = row
@@ -370,7 +400,12 @@ def measure_mode(sizes: Sizes, port: int, only: list[str] | None) -> dict[str, A
         for _ in range(n):
             await session.run("hello", **kwargs)
 
-    asyncio.run(run_all())
+    try:
+        asyncio.run(run_all())
+    finally:
+        if theirs is not None:
+            theirs.kill()
+            theirs.wait()
     ray.shutdown()
     return results
 
@@ -453,8 +488,7 @@ def measure_seed(sizes: Sizes) -> dict[str, Any]:
 # LlamaIndex's own server of the workflow server API
 
 
-def measure_agents_server(sizes: Sizes) -> dict[str, Any]:
-    """hello-world on `llama-agents-server`, with its in-memory store and its SQLite one."""
+def ensure_agents_server_venv() -> Path:
     python = AGENTS_SERVER_VENV / "bin" / "python"
     if not python.exists():
         print("installing llama-agents-server 0.8.0 into", AGENTS_SERVER_VENV, flush=True)
@@ -462,46 +496,31 @@ def measure_agents_server(sizes: Sizes) -> dict[str, Any]:
         subprocess.run(
             [str(python), "-m", "pip", "install", "-q", "llama-agents-server==0.8.0"], check=True
         )
-    figures = {}
-    for store in ("memory", "sqlite"):
-        port = free_port()
-        where = "memory" if store == "memory" else str(Path(tempfile.mkdtemp()) / "hello.sqlite3")
-        with tempfile.TemporaryFile() as log:
-            server = subprocess.Popen(
-                [str(python), str(BENCH / "agents_server.py"), str(port), where],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                figures[store] = asyncio.run(_measure_ws_api(f"http://127.0.0.1:{port}", sizes))
-            finally:
-                server.kill()
-                server.wait()
-    return figures
+    return python
 
 
-async def _measure_ws_api(base_url: str, sizes: Sizes) -> dict[str, float]:
+def start_agents_server(python: Path, store: str, url: str) -> subprocess.Popen[bytes]:
+    """hello-world on `llama-agents-server` at `url`, on its SQLite store if `store` (ours)
+    is durable, else on its in-memory one; once it answers."""
     import httpx
 
-    from llama_deploy_ray._client.clients import PooledTransport
-
+    here = Path(tempfile.mkdtemp())
+    where = "memory" if store == "memory" else str(here / "hello.sqlite3")
+    with open(here / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(python), str(BENCH / "agents_server.py"), url.rsplit(":", 1)[1], where],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 120
-    async with httpx.AsyncClient(transport=PooledTransport(), timeout=300) as http:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(f"{base_url}/health")).is_success:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-agents-server did not come up at {base_url}")
-            await asyncio.sleep(0.5)
-
-        async def session() -> Callable[[], Awaitable[Any]]:
-            url, body = f"{base_url}/workflows/hello/run", {"start_event": {"arg1": "hello_world"}}
-            return lambda: http.post(url, json=body)
-
-        row = (await latencies({"server": await session()}, sizes.sequential))["server"]
-        row |= (await throughput({"server": session}, sizes.levels, sizes.runs_per_level))["server"]
-        return row
+    while time.monotonic() < deadline and server.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).is_success:
+                return server
+        time.sleep(0.5)
+    server.kill()
+    tail = (here / "server.log").read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"llama-agents-server did not come up at {url}:\n{tail}")
 
 
 # report
@@ -573,24 +592,24 @@ def table(results: dict[str, Any]) -> str:
         )
     if NO_STORE in results and "fast" in results:
         lines.append(store_cost(results["fast"]["hello"], results[NO_STORE]["hello"]))
-    if "agents_server" in results and NO_STORE in results and "fast" in results:
-        lines.append(
-            against_agents_server(
-                results["agents_server"],
-                {"sqlite": results["fast"]["hello"], "memory": results[NO_STORE]["hello"]},
-            )
-        )
+    if NO_STORE in results and "fast" in results:
+        hello = {"sqlite": results["fast"]["hello"], "memory": results[NO_STORE]["hello"]}
+        if all("agents_server" in row for row in hello.values()):
+            lines.append(against_agents_server(hello))
     return "\n".join(lines)
 
 
-def against_agents_server(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
-    """The workflow server API, hello-world, the same httpx client: llama-agents-server on its
-    in-memory and SQLite stores against ours (Serve's fast settings) without and with ours."""
+def against_agents_server(hello: dict[str, Any]) -> str:
+    """The workflow server API, hello-world, the same httpx client, in turns in the same run:
+    llama-agents-server on its SQLite and in-memory stores against ours (Serve's fast
+    settings) with and without ours."""
     rows = {
-        ("llama-agents-server 0.8.0", "memory"): theirs["memory"],
-        ("llama-agents-server 0.8.0", "sqlite"): theirs["sqlite"],
-        ("llama-deploy-ray", "memory"): ours["memory"]["ours_ws_api"],
-        ("llama-deploy-ray", "sqlite"): ours["sqlite"]["ours_ws_api"],
+        (server, store): hello[store][system]
+        for server, system in (
+            ("llama-agents-server 0.8.0", "agents_server"),
+            ("llama-deploy-ray", "ours_ws_api"),
+        )
+        for store in ("memory", "sqlite")
     }
     columns = sorted(
         {k for fig in rows.values() for k in fig if k.startswith("tasks")},
@@ -705,20 +724,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-json", type=Path, help="only redraw the table and chart")
     parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--agents-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = Sizes(args.quick)
     if args.child:
-        print(json.dumps(measure_mode(sizes, free_port(), args.workloads)))
+        print(json.dumps(measure_mode(sizes, free_port(), args.workloads, args.agents_server)))
         return
     if args.from_json:
         report(json.loads(args.from_json.read_text()), args.out)
         return
     results: dict[str, Any] = {}
+    # beside ours in fast mode, in turns with the other systems
+    beside: list[str] = []
+    if "fast" in args.modes and not (args.quick or args.no_agents_server):
+        beside = ["--agents-server", str(ensure_agents_server_venv())]
     for mode in args.modes:
         print(f"measuring with Serve's {mode} settings ...", flush=True)
         options = ["--quick"] if args.quick else []
         if args.workloads:
             options += ["--workloads", *args.workloads]
+        if mode == "fast":
+            options += beside
         child = subprocess.run(
             [sys.executable, __file__, "--child", mode, *options],
             env={**os.environ, **MODES[mode]},
@@ -732,7 +758,10 @@ def main() -> None:
         print("measuring hello-world with Serve's fast settings and no state store ...", flush=True)
         options = ["--quick"] if args.quick else []
         child = subprocess.run(
-            [sys.executable, __file__, "--child", "fast", *options, "--workloads", "hello"],
+            [
+                *(sys.executable, __file__, "--child", "fast", *options),
+                *("--workloads", "hello", *beside),
+            ],
             env={**os.environ, **FAST_ENV, "BENCH_STATE_STORE": "memory"},
             capture_output=True,
             text=True,
@@ -746,12 +775,6 @@ def main() -> None:
             results["seed"] = measure_seed(sizes)
         except (RuntimeError, subprocess.SubprocessError) as exc:  # keep what was measured
             print(f"llama_deploy 0.2.4 was not measured: {exc}", getattr(exc, "stderr", ""))
-    if not (args.quick or args.no_agents_server):
-        print("measuring llama-agents-server 0.8.0 ...", flush=True)
-        try:
-            results["agents_server"] = measure_agents_server(sizes)
-        except (RuntimeError, subprocess.SubprocessError) as exc:  # keep what was measured
-            print(f"llama-agents-server was not measured: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     report(results, args.out)
