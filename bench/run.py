@@ -595,9 +595,8 @@ def table(results: dict[str, Any]) -> str:
             )
         )
     if NO_STORE in results and "fast" in results:
-        lines.append(store_cost(results["fast"]["hello"], results[NO_STORE]["hello"]))
-    if NO_STORE in results and "fast" in results:
         hello = {"sqlite": results["fast"]["hello"], "memory": results[NO_STORE]["hello"]}
+        lines.append(store_cost(hello["sqlite"], hello["memory"]))
         if all("agents_server" in row for row in hello.values()):
             lines.append(against_agents_server(hello))
     return "\n".join(lines)
