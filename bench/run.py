@@ -627,12 +627,21 @@ def against_agents_server(hello: dict[str, Any]) -> str:
         cells = [f"{fig.get(c, float('nan')):.1f}" for c in [*columns, CPU]]
         lines.append(f"| {server} | {store} | {fig['p50_ms']:.1f} | " + " | ".join(cells) + " |")
     for store, durable in (("sqlite", "both durable"), ("memory", "neither durable")):
-        mine, other = rows[("llama-deploy-ray", store)], rows[("llama-agents-server 0.8.0", store)]
-        rates = ", ".join(f"{c} x{mine[c] / other[c]:.2f}" for c in columns)
+        other = rows[("llama-agents-server 0.8.0", store)]
         lines.append(
-            f"{durable}, ours / theirs: p50 x{mine['p50_ms'] / other['p50_ms']:.2f}, {rates}"
+            f"{durable}, ours / theirs: {_ratios(rows[('llama-deploy-ray', store)], other)}"
         )
+    # what Ray Serve itself allows against them: a bare deployment, no store, no API
+    bare = hello["memory"]["serve_http"]
+    theirs = rows[("llama-agents-server 0.8.0", "memory")]
+    lines.append(f"bare Serve (no store) / theirs in memory: {_ratios(bare, theirs)}")
     return "\n".join(lines)
+
+
+def _ratios(mine: dict[str, Any], other: dict[str, Any]) -> str:
+    """p50 and tasks/s at each level, `mine` over `other`."""
+    rates = [f"{c} x{mine[c] / other[c]:.2f}" for c in other if c.startswith("tasks")]
+    return ", ".join([f"p50 x{mine['p50_ms'] / other['p50_ms']:.2f}", *rates])
 
 
 def store_cost(stored: dict[str, Any], memory: dict[str, Any]) -> str:
