@@ -117,7 +117,11 @@ class Core:
     def crash(self) -> None:
         """Stop its Ray the hard way (`ray stop --force`: no replica drains), then the core."""
         ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], check=True, capture_output=True, timeout=120)
+        # no grace period to wait out: Ray's processes are the core's children, so once killed
+        # they stay zombies until the core goes too, and `ray stop` would wait the whole period
+        # for each of its three groups of processes (16 s of the 25 s it took here)
+        stop = ["ray", "stop", "--force", "--grace-period", "0"]
+        subprocess.run(stop, check=True, capture_output=True, timeout=120)
         self.process.kill()
         self.process.wait()
         _kill_haproxy()
