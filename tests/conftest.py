@@ -126,18 +126,23 @@ class Core:
         self.process.wait()
         _kill_haproxy()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop it as a service manager would (SIGTERM: a background job, as CI runs this
+        suite, inherits SIGINT ignored); True if it stopped of itself, not killed."""
         ray.shutdown()
+        stopped = True
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+                stopped = False
         # a core killed before its Serve shut down leaves its HAProxy, which would hold the
         # next core's ports
         _kill_haproxy()
+        return stopped
 
 
 def _kill_haproxy() -> None:

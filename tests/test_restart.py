@@ -111,5 +111,6 @@ def test_a_restarted_ray_gets_everything_back(
             assert result is not None and result.status is TaskStatus.COMPLETED, result
             assert result.result["log"] == ["through the stop"]
             assert result.attempts == 2
+        assert core.stop(), f"the core did not stop on SIGTERM in 60 s:\n{core._tail()}"
     finally:
         core.stop()

@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import secrets
+import signal
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -69,8 +70,8 @@ async def deploy_core(
     Attaches to the Ray cluster in `control_plane_config.ray_address`, `RAY_ADDRESS` or
     running on this machine; when there is none, starts a local Ray in this process. With
     `blocking=None` it then keeps running while this process hosts that Ray (as the seed's
-    `deploy_core` did) and returns at once when the cluster lives elsewhere; pass
-    `blocking=False` in a notebook or test.
+    `deploy_core` did), until Ctrl-C or SIGTERM stops Serve and that Ray, and returns at once
+    when the cluster lives elsewhere; pass `blocking=False` in a notebook or test.
 
         await deploy_core(ControlPlaneConfig(), SimpleMessageQueueConfig())
     """
@@ -94,7 +95,25 @@ async def deploy_core(
         atexit.register(serve.shutdown)
     logger.info("llama-deploy-ray control plane at %s", config.url)
     if blocking or (blocking is None and started_ray):
+        await _until_stopped()
+
+
+async def _until_stopped() -> None:
+    """Wait for Ctrl-C (KeyboardInterrupt, as ever) or SIGTERM, which `kill`, systemd and
+    `docker stop` send, and which is the way to stop a core run in the background (a shell
+    starts background jobs with SIGINT ignored): SIGTERM would otherwise end the process
+    without its exit handlers, and Serve's HAProxy would outlive it, holding its port."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
         await asyncio.Event().wait()
+    try:
+        await stop.wait()
+        logger.info("SIGTERM: stopping Serve and the local Ray")
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def deploy_workflow(
