@@ -154,7 +154,10 @@ async def throughput(
         for _ in range(TURNS):
             for name, runs in sessions.items():
                 start, cpu_start = time.perf_counter(), cpu_s(name)
-                await asyncio.gather(*(loop(run, rounds) for run in runs))
+                try:
+                    await asyncio.gather(*(loop(run, rounds) for run in runs))
+                except Exception as exc:  # say which system failed, and where
+                    raise RuntimeError(f"{name} failed at {level} sessions: {exc!r}") from exc
                 rate = level * rounds / (time.perf_counter() - start)
                 if level >= cpu_level:
                     used_s[name] += cpu_s(name) - cpu_start
