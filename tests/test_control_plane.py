@@ -53,6 +53,7 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
         while session.session_id in await session_ids():
             await asyncio.sleep(0.05)
 
+    assert await session_ids() == {session.session_id, busy.session_id}  # not idle yet
     # sessions are swept at most once per sweep interval (here the 0.4 s retention), by a
     # finish or by the timer, whichever comes first: gone within retention plus one interval
     await asyncio.wait_for(forgotten(), timeout=3)
