@@ -4,6 +4,8 @@ and inboxes, one task per id."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
@@ -15,7 +17,18 @@ from llama_deploy_ray import (
 
 from .fakes import begin
 
+T = TypeVar("T")
 SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+async def until(read: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> None:
+    """Read until `done` holds, for 3 s at most (retention sweeps run on their own timer)."""
+
+    async def poll() -> None:
+        while not done(await read()):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout=3)
 
 
 async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retention() -> None:
@@ -49,14 +62,10 @@ async def test_finished_tasks_and_idle_sessions_are_dropped_after_their_retentio
     async def session_ids() -> set[str]:
         return {s.session_id for s in await control_plane.list_sessions()}
 
-    async def forgotten() -> None:
-        while session.session_id in await session_ids():
-            await asyncio.sleep(0.05)
-
     assert await session_ids() == {session.session_id, busy.session_id}  # not idle yet
     # sessions are swept at most once per sweep interval (here the 0.4 s retention), by a
     # finish or by the timer, whichever comes first: gone within retention plus one interval
-    await asyncio.wait_for(forgotten(), timeout=3)
+    await until(session_ids, lambda ids: session.session_id not in ids)
     assert await session_ids() == {busy.session_id}
 
 
@@ -188,12 +197,8 @@ async def test_retention_runs_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> Non
     for _ in range(10):
         await control_plane.create_session()
     assert (await control_plane.sizes())["sessions"] == 10
-
-    async def forgotten() -> None:
-        while (await control_plane.sizes())["sessions"]:
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(forgotten(), timeout=3)  # no task ends: only the timer can forget them
+    # no task ends: only the timer can forget them
+    await until(control_plane.sizes, lambda sizes: sizes["sessions"] == 0)
 
 
 async def test_its_timers_start_with_its_first_change_as_after_a_restart() -> None:
