@@ -1,7 +1,9 @@
 """The benchmark harness: the same workloads, in one run on one machine, on
 
 - the floor: each workflow in-process (`await wf.run()`), and behind a bare Ray Serve
-  deployment called over HTTP and through a `DeploymentHandle`;
+  deployment called over HTTP and through a `DeploymentHandle`; and a second bare deployment
+  over HTTP, identical to the first (`serve_http_again`): its ratio to the first shows how far
+  apart two identical systems land in one run, the noise in every other ratio;
 - llama-deploy-ray through its HTTP clients (sync for latency, async for throughput) and
   through its Python API inside the cluster (`ClusterSession`), and the way a nested
   workflow calls its child (the child service's handle, `run_if_first`);
@@ -264,6 +266,11 @@ def measure_mode(
     asyncio.run(deploy())
     for name in workloads:
         serve.run(BareWorkflow.bind(name), name=f"bare_{name}", route_prefix=f"/bare/{name}")
+        # the same again, measured as one more system: how far apart two identical systems
+        # land in one run is the noise every other ratio carries
+        serve.run(
+            BareWorkflow.bind(name), name=f"bare_again_{name}", route_prefix=f"/bare-again/{name}"
+        )
     kwargs = {"arg1": "hello_world"}
     results: dict[str, Any] = {}
     theirs_url, theirs = f"http://127.0.0.1:{free_port()}", None
@@ -298,6 +305,11 @@ def measure_mode(
                 url, handle = f"{config.url}/bare/{name}", serve.get_app_handle(f"bare_{name}")
 
                 async def http_session(url=url) -> Callable[[], Awaitable[Any]]:
+                    return lambda: succeeded(http.post(url, json=kwargs))
+
+                again_url = f"{config.url}/bare-again/{name}"
+
+                async def http_again_session(url=again_url) -> Callable[[], Awaitable[Any]]:
                     return lambda: succeeded(http.post(url, json=kwargs))
 
                 async def handle_session(handle=handle) -> Callable[[], Awaitable[Any]]:
@@ -340,6 +352,7 @@ def measure_mode(
                 sessions = {
                     "in_process": inproc_session,
                     "serve_http": http_session,
+                    "serve_http_again": http_again_session,
                     "serve_handle": handle_session,
                     "ours_sync_client": sync_session,
                     "ours_async_client": client_session,
@@ -571,6 +584,14 @@ def table(results: dict[str, Any]) -> str:
             ratios = [f"p50 x{ours['p50_ms'] / floor['p50_ms']:.2f}"]
             ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in [*columns, CPU] if c in ours]
             lines.append("\nours (async client) / bare Serve over HTTP: " + ", ".join(ratios))
+            if "serve_http_again" in row:
+                again = row["serve_http_again"]
+                ratios = [f"p50 x{again['p50_ms'] / floor['p50_ms']:.2f}"]
+                ratios += [f"{c} x{again[c] / floor[c]:.2f}" for c in [*columns, CPU]]
+                lines.append(
+                    "bare Serve again / bare Serve (two identical systems: this run's noise): "
+                    + ", ".join(ratios)
+                )
             handle = row["serve_handle"]["p50_ms"]
             api, nested = row["ours_python_api"]["p50_ms"], row["ours_nested_call"]["p50_ms"]
             lines.append(
