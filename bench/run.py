@@ -581,16 +581,11 @@ def table(results: dict[str, Any]) -> str:
                     + " |"
                 )
             ours, floor = row["ours_async_client"], row["serve_http"]
-            ratios = [f"p50 x{ours['p50_ms'] / floor['p50_ms']:.2f}"]
-            ratios += [f"{c} x{ours[c] / floor[c]:.2f}" for c in [*columns, CPU] if c in ours]
-            lines.append("\nours (async client) / bare Serve over HTTP: " + ", ".join(ratios))
+            lines.append(f"\nours (async client) / bare Serve over HTTP: {_ratios(ours, floor)}")
             if "serve_http_again" in row:
-                again = row["serve_http_again"]
-                ratios = [f"p50 x{again['p50_ms'] / floor['p50_ms']:.2f}"]
-                ratios += [f"{c} x{again[c] / floor[c]:.2f}" for c in [*columns, CPU]]
                 lines.append(
                     "bare Serve again / bare Serve (two identical systems: this run's noise): "
-                    + ", ".join(ratios)
+                    + _ratios(row["serve_http_again"], floor)
                 )
             handle = row["serve_handle"]["p50_ms"]
             api, nested = row["ours_python_api"]["p50_ms"], row["ours_nested_call"]["p50_ms"]
@@ -674,8 +669,10 @@ def against_agents_server(hello: dict[str, Any]) -> str:
 
 
 def _ratios(mine: dict[str, Any], other: dict[str, Any]) -> str:
-    """p50 and tasks/s at each level, `mine` over `other`."""
-    rates = [f"{c} x{mine[c] / other[c]:.2f}" for c in other if c.startswith("tasks")]
+    """p50, tasks/s at each level and CPU per task (where both have it), `mine` over
+    `other`."""
+    shared = [c for c in other if (c.startswith("tasks") or c == CPU) and c in mine]
+    rates = [f"{c} x{mine[c] / other[c]:.2f}" for c in shared]
     return ", ".join([f"p50 x{mine['p50_ms'] / other['p50_ms']:.2f}", *rates])
 
 

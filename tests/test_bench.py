@@ -37,6 +37,7 @@ def test_bench_harness_smoke(tmp_path) -> None:
     for system in (
         "in_process",
         "serve_http",
+        "serve_http_again",
         "serve_handle",
         "ours_sync_client",
         "ours_async_client",
@@ -47,6 +48,7 @@ def test_bench_harness_smoke(tmp_path) -> None:
     assert results["default"]["memory"]["points"]
     assert (tmp_path / "latest.png").stat().st_size > 0
     assert "bare Serve over HTTP" in done.stdout
+    assert "bare Serve again / bare Serve" in done.stdout
 
 
 def test_client_cpu_bench_smoke() -> None:
