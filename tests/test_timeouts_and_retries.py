@@ -164,3 +164,50 @@ def test_a_request_sent_again_after_its_run_does_not_run_its_steps_again(
     assert httpx.post(api_url, json=unnamed, timeout=30).json()["result"] == "done"
     assert log.read_text().count("ran") == 4
     assert [t.status for t in session.get_tasks()] == [TaskStatus.COMPLETED] * 4
+
+
+async def test_the_clients_let_an_idle_connection_go_before_a_5_s_keep_alive_closes_it() -> None:
+    """Behind a server or proxy on uvicorn's default keep-alive (5 s), a connection reused as
+    the server closes it fails to read its answer; the clients open a new one after 4 s idle."""
+    import socket
+
+    import uvicorn
+    from starlette.types import Receive, Scope, Send
+
+    peers: list[tuple[str, int]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        peers.append(scope["client"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    serving = asyncio.ensure_future(server.serve())
+    config = ControlPlaneConfig(host="127.0.0.1", port=port)
+    sync_client = LlamaDeployClient(config)
+    try:
+        async with AsyncLlamaDeployClient(config) as async_client:
+            while not server.started:
+                await asyncio.sleep(0.05)
+            for name, get in (
+                ("async", async_client._http.get),
+                ("sync", lambda url: asyncio.to_thread(sync_client._http.get, url)),
+            ):
+                # as many calls as the async client has pools: each pool gets one
+                for _ in range(8):
+                    await get("/")
+                before, peers[:] = set(peers), []
+                await asyncio.sleep(4.5)  # idle: within uvicorn's 5 s, past the clients' 4 s
+                for _ in range(8):
+                    await get("/")
+                again, peers[:] = before & set(peers), []
+                assert not again, f"the {name} client used idle connections again: {again}"
+    finally:
+        sync_client._http.close()
+        server.should_exit = True
+        await serving

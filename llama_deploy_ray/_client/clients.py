@@ -28,7 +28,10 @@ from .._shared.types import (
 from . import core
 from .core import DEFAULT_POLL_INTERVAL, Call
 
-_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+# an idle connection is let go after 4 s, before a server or proxy on uvicorn's default
+# keep-alive (5 s) closes it: with the same 5 s on both ends, a request could go out on a
+# connection as the server closes it, and fail to read its answer
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
 
 
 class PooledTransport(httpx.AsyncBaseTransport):
@@ -40,7 +43,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, pools: int = 8) -> None:
         idle = (_LIMITS.max_keepalive_connections or 0) // pools
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=idle)
+        limits = httpx.Limits(
+            max_connections=None,
+            max_keepalive_connections=idle,
+            keepalive_expiry=_LIMITS.keepalive_expiry,
+        )
         self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(pools)]
         self._next = itertools.cycle(self._pools)
 
