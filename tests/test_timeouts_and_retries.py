@@ -189,25 +189,24 @@ async def test_the_clients_let_an_idle_connection_go_before_a_5_s_keep_alive_clo
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     serving = asyncio.ensure_future(server.serve())
     config = ControlPlaneConfig(host="127.0.0.1", port=port)
-    sync_client = LlamaDeployClient(config)
     try:
-        async with AsyncLlamaDeployClient(config) as async_client:
-            while not server.started:
-                await asyncio.sleep(0.05)
-            for name, get in (
-                ("async", async_client._http.get),
-                ("sync", lambda url: asyncio.to_thread(sync_client._http.get, url)),
-            ):
-                # as many calls as the async client has pools: each pool gets one
-                for _ in range(8):
-                    await get("/")
-                before, peers[:] = set(peers), []
-                await asyncio.sleep(4.5)  # idle: within uvicorn's 5 s, past the clients' 4 s
-                for _ in range(8):
-                    await get("/")
-                again, peers[:] = before & set(peers), []
-                assert not again, f"the {name} client used idle connections again: {again}"
+        with LlamaDeployClient(config) as sync_client:
+            async with AsyncLlamaDeployClient(config) as async_client:
+                while not server.started and not serving.done():
+                    await asyncio.sleep(0.05)
+                for name, get in (
+                    ("async", async_client._http.get),
+                    ("sync", lambda url: asyncio.to_thread(sync_client._http.get, url)),
+                ):
+                    # as many calls as the async client has pools: each pool gets one
+                    for _ in range(8):
+                        await get("/")
+                    before, peers[:] = set(peers), []
+                    await asyncio.sleep(4.5)  # idle: within uvicorn's 5 s, past the clients' 4 s
+                    for _ in range(8):
+                        await get("/")
+                    again, peers[:] = before & set(peers), []
+                    assert not again, f"the {name} client used idle connections again: {again}"
     finally:
-        sync_client._http.close()
         server.should_exit = True
         await serving
