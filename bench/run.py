@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -307,11 +308,6 @@ def measure_mode(
                 async def http_session(url=url) -> Callable[[], Awaitable[Any]]:
                     return lambda: succeeded(http.post(url, json=kwargs))
 
-                again_url = f"{config.url}/bare-again/{name}"
-
-                async def http_again_session(url=again_url) -> Callable[[], Awaitable[Any]]:
-                    return lambda: succeeded(http.post(url, json=kwargs))
-
                 async def handle_session(handle=handle) -> Callable[[], Awaitable[Any]]:
                     return lambda: handle.run.remote(kwargs)
 
@@ -352,7 +348,9 @@ def measure_mode(
                 sessions = {
                     "in_process": inproc_session,
                     "serve_http": http_session,
-                    "serve_http_again": http_again_session,
+                    "serve_http_again": functools.partial(
+                        http_session, f"{config.url}/bare-again/{name}"
+                    ),
                     "serve_handle": handle_session,
                     "ours_sync_client": sync_session,
                     "ours_async_client": client_session,

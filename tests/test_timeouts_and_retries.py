@@ -27,7 +27,7 @@ from llama_deploy_ray import (
 )
 from llama_deploy_ray._shared.config import DRIVER_SILENCE_S
 
-from .conftest import run_url, service
+from .conftest import _free_port, run_url, service
 from .workflows import (
     BlockingWorkflow,
     HumanWorkflow,
@@ -169,8 +169,6 @@ def test_a_request_sent_again_after_its_run_does_not_run_its_steps_again(
 async def test_the_clients_let_an_idle_connection_go_before_a_5_s_keep_alive_closes_it() -> None:
     """Behind a server or proxy on uvicorn's default keep-alive (5 s), a connection reused as
     the server closes it fails to read its answer; the clients open a new one after 4 s idle."""
-    import socket
-
     import uvicorn
     from starlette.types import Receive, Scope, Send
 
@@ -183,9 +181,7 @@ async def test_the_clients_let_an_idle_connection_go_before_a_5_s_keep_alive_clo
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     serving = asyncio.ensure_future(server.serve())
     config = ControlPlaneConfig(host="127.0.0.1", port=port)
