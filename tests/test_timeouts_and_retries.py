@@ -4,13 +4,16 @@ requests (on a real local Ray)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import pytest_asyncio
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llama_deploy_ray import (
     AsyncLlamaDeployClient,
@@ -25,6 +28,7 @@ from llama_deploy_ray import (
     TaskStatus,
     deploy_workflow,
 )
+from llama_deploy_ray._client.clients import PooledTransport
 from llama_deploy_ray._shared.config import DRIVER_SILENCE_S
 
 from .conftest import _free_port, run_url, service
@@ -166,35 +170,51 @@ def test_a_request_sent_again_after_its_run_does_not_run_its_steps_again(
     assert [t.status for t in session.get_tasks()] == [TaskStatus.COMPLETED] * 4
 
 
-async def test_the_clients_let_an_idle_connection_go_before_a_5_s_keep_alive_closes_it() -> None:
-    """Behind a server or proxy on uvicorn's default keep-alive (5 s), a connection reused as
-    the server closes it fails to read its answer; the clients open a new one after 4 s idle."""
+@contextlib.asynccontextmanager
+async def _serving(app: ASGIApp) -> AsyncIterator[ControlPlaneConfig]:
+    """`app` on uvicorn (its defaults: a 5 s keep-alive) on a free local port, as a core's
+    address for the clients."""
     import uvicorn
-    from starlette.types import Receive, Scope, Send
 
-    peers: list[tuple[str, int]] = []
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        yield ControlPlaneConfig(host="127.0.0.1", port=port)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+def _answering(peers: list[tuple[str, int]], held: asyncio.Event | None = None) -> ASGIApp:
+    """An app that notes each request's peer (host, port: its connection) and answers `{}`;
+    to `/held`, once `held` is set."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         peers.append(scope["client"])
+        if scope["path"] == "/held" and held is not None:
+            await held.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    serving = asyncio.ensure_future(server.serve())
-    config = ControlPlaneConfig(host="127.0.0.1", port=port)
-    try:
+    return app
+
+
+async def test_the_clients_let_an_idle_connection_go_before_a_5_s_keep_alive_closes_it() -> None:
+    """Behind a server or proxy on uvicorn's default keep-alive (5 s), a connection reused as
+    the server closes it fails to read its answer; the clients open a new one after 4 s idle."""
+    peers: list[tuple[str, int]] = []
+    async with _serving(_answering(peers)) as config:
         with LlamaDeployClient(config) as sync_client:
             async with AsyncLlamaDeployClient(config) as async_client:
-                while not server.started and not serving.done():
-                    await asyncio.sleep(0.05)
                 for name, get in (
                     ("async", async_client._http.get),
                     ("sync", lambda url: asyncio.to_thread(sync_client._http.get, url)),
                 ):
-                    # as many calls as the async client has pools: each pool gets one
                     for _ in range(8):
                         await get("/")
                     before, peers[:] = set(peers), []
@@ -203,6 +223,41 @@ async def test_the_clients_let_an_idle_connection_go_before_a_5_s_keep_alive_clo
                         await get("/")
                     again, peers[:] = before & set(peers), []
                     assert not again, f"the {name} client used idle connections again: {again}"
-    finally:
-        server.should_exit = True
-        await serving
+
+
+async def test_the_async_client_keeps_one_call_at_a_time_on_one_connection_and_spreads_many() -> (
+    None
+):
+    """Calls one at a time go out on one warm connection; calls at once spread over the
+    client's pools (`PooledTransport`), a response counting until it is closed."""
+    peers: list[tuple[str, int]] = []
+    held = asyncio.Event()
+    async with (
+        _serving(_answering(peers, held)) as config,
+        AsyncLlamaDeployClient(config) as client,
+    ):
+        transport = client._http._transport
+        assert isinstance(transport, PooledTransport)
+        for _ in range(16):
+            await client._http.get("/")
+        assert len(set(peers)) == 1, f"one call at a time went out on {len(set(peers))}"
+
+        peers.clear()
+        calls = [asyncio.ensure_future(client._http.get("/held")) for _ in range(16)]
+        for _ in range(200):
+            if len(peers) == 16:
+                break
+            await asyncio.sleep(0.05)
+        assert transport._open == [2] * 8  # 16 at once: two on each of the 8 pools
+        held.set()
+        await asyncio.gather(*calls)
+        async with client._http.stream("GET", "/") as streamed:
+            assert transport._open == [1] + [0] * 7  # open until its body is closed
+            await streamed.aread()
+        assert transport._open == [0] * 8
+
+    refused = PooledTransport()
+    async with httpx.AsyncClient(transport=refused) as http:
+        with pytest.raises(httpx.ConnectError):  # nothing listens there any more
+            await http.get(f"{config.url}/")
+    assert refused._open == [0] * 8
