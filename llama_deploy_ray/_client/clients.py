@@ -39,9 +39,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
     than on the requests: measured here, 256 concurrent runs got 60 answers/s from one pool and
     300/s from eight. Each request takes the pool with the fewest responses open, the first of
     those, so that a client with one call at a time keeps to one warm connection (taking the
-    pools in turn, its calls went out on eight: HAProxy and the replica spent more on each, and
-    one session ran 10% fewer tasks/s). Each pool opens connections as needed and keeps up to
-    32 idle."""
+    pools in turn, its calls went out on eight, and HAProxy spent 40% more CPU on each). Each
+    pool opens connections as needed and keeps up to 32 idle."""
 
     def __init__(self, pools: int = 8) -> None:
         idle = (_LIMITS.max_keepalive_connections or 0) // pools
