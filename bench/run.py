@@ -21,7 +21,7 @@ each in a fresh local Ray, with the control plane's state store on (SQLite, the 
 hello-world once more in fast mode with the store off (`memory`), to show what the store costs.
 Usage (stop any other local Ray first, `ray stop`):
 
-    python bench/run.py            # everything, 40-60 minutes on 2 cores
+    python bench/run.py            # everything, 40-70 minutes on 2 cores
     python bench/run.py --quick    # a smoke run: small sizes, no seed system
 
 Beside tasks/s, each system's CPU cost: CPU milliseconds per task summed over every process of
