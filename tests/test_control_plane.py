@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -13,6 +14,7 @@ from llama_deploy_ray import (
     InvalidRequestError,
     TaskDefinition,
     TaskNotFoundError,
+    TaskStateError,
 )
 
 from .fakes import begin
@@ -269,3 +271,42 @@ async def test_a_held_state_is_checked_and_its_holder_told_when_it_is_outdated()
     await control_plane.finish_tasks({other.task_id: TaskOutcome(result=5)}, hold_states=True)
     await control_plane.delete_session(session_id)
     assert await notice("here") == [(session_id, "svc")]
+
+
+async def test_a_handler_runs_once_at_a_time_whatever_its_session_holds(tmp_path: Path) -> None:
+    """A handler's run is refused while any task of its session is unfinished (waiting for
+    input, or on another service), also after a restart; its finished runs do not count."""
+    from llama_deploy_ray._cluster.control_plane import ControlPlane
+    from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome
+
+    store = str(tmp_path / "state.sqlite3")
+    control_plane = ControlPlane(60, 60, SECRET, state_store=store)
+    for name in ("svc", "other"):
+        await control_plane.register_service(ServiceDefinition(service_name=name))
+    session_id = (await control_plane.create_session("handler.h")).session_id
+
+    def run(service: str = "svc") -> TaskDefinition:
+        return TaskDefinition(input="{}", agent_id=service, session_id=session_id)
+
+    for _ in range(3):
+        done = run()
+        await control_plane.create_task(done, "driver", handler=True)
+        await control_plane.start_task(done.task_id, "driver")
+        await control_plane.finish_task(done.task_id, TaskOutcome(result="ok"))
+    waiting = run()
+    await begin(control_plane, waiting, "driver")
+    await control_plane.park_task(waiting.task_id, TaskOutcome(snapshot={}, inbox_seq=0))
+    with pytest.raises(TaskStateError, match=f"already runs task {waiting.task_id}"):
+        await control_plane.create_task(run(), "driver", handler=True)
+
+    restarted = ControlPlane(60, 60, SECRET, state_store=store)
+    with pytest.raises(TaskStateError, match=f"already runs task {waiting.task_id}"):
+        await restarted.create_task(run("other"), "driver", handler=True)
+    await restarted.cancel_task(session_id, waiting.task_id)
+    elsewhere = run("other")  # a task of the session on another service, not a handler's
+    await begin(restarted, elsewhere, "driver")
+    with pytest.raises(TaskStateError, match=f"already runs task {elsewhere.task_id}"):
+        await restarted.create_task(run(), "driver", handler=True)
+    await restarted.finish_task(elsewhere.task_id, TaskOutcome(result="ok"))
+    await restarted.create_task(run(), "driver", handler=True)
+    assert len(await restarted.list_tasks(session_id)) == 6

@@ -97,6 +97,8 @@ class _Session:
         self.definition = definition
         self.order = order
         self.task_ids: dict[str, None] = {}  # in submission order
+        # the services on which its unfinished tasks wait or run: its lines in `_lines`
+        self.lines: set[str] = set()
         self.state: dict[str, dict[str, Any]] = {}
         # per service: the task whose outcome left its state, and the driver told it holds
         # that state as the latest (see `finish_tasks`); neither is stored, both start empty
@@ -372,14 +374,11 @@ class ControlPlane:
             return existing
         if service_name not in self._services:
             raise ServiceNotFoundError(service_name)
-        if handler:
-            tasks = (self._tasks.get(t) for t in session.task_ids)
-            running = next((t for t in tasks if t and not t.result.status.is_final), None)
-            if running is not None:
-                raise TaskStateError(
-                    f"session {task.session_id!r} already runs task "
-                    f"{running.definition.task_id}: one at a time"
-                )
+        if handler and session.lines:
+            line = self._lines[(session.definition.session_id, next(iter(session.lines)))]
+            raise TaskStateError(
+                f"session {task.session_id!r} already runs task {line[0]}: one at a time"
+            )
         parent = None
         if task.parent_task_id is not None:
             parent = self._tasks.get(task.parent_task_id)
@@ -398,11 +397,18 @@ class ControlPlane:
         session.task_ids[task.task_id] = None
         self._outdate_held_state(session, service_name, owner)
         session.last_active = time.monotonic()
-        line = self._lines.setdefault((session.definition.session_id, service_name), deque())
-        line.append(task.task_id)
-        if len(line) == 1:
+        if self._join_line(session.definition.session_id, service_name, task.task_id):
             record.turn.set()
         return record
+
+    def _join_line(self, session_id: str, service_name: str, task_id: str) -> bool:
+        """Put an unfinished task at the end of its session's line on its service; True when
+        it is first (its turn has come)."""
+        line = self._lines.setdefault((session_id, service_name), deque())
+        line.append(task_id)
+        if session := self._sessions.get(session_id):
+            session.lines.add(service_name)
+        return len(line) == 1
 
     async def start_task(self, task_id: str, owner: str) -> StartedTask | None:
         """Wait for the task's turn, mark it running (driven by `owner`) and return the state
@@ -825,8 +831,8 @@ class ControlPlane:
                 ended = now - (wall - (stored.result.finished_at or wall))
                 finished.append((ended, task_id))
             else:
-                line = (stored.definition.session_id or "", record.result.service_name or "")
-                self._lines.setdefault(line, deque()).append(task_id)
+                session_id = stored.definition.session_id or ""
+                self._join_line(session_id, record.result.service_name or "", task_id)
                 # its driver may live on (a replica still running it): give it the time any
                 # driver has to be heard from before its tasks are adopted
                 self._heard_from(stored.owner)
@@ -986,8 +992,10 @@ class ControlPlane:
             return
         if line:
             self._tasks[line[0]].turn.set()
-        else:
-            del self._lines[key]
+            return
+        del self._lines[key]
+        if session := self._sessions.get(key[0]):
+            session.lines.discard(key[1])
 
     def _session(self, session_id: str) -> _Session:
         try:
