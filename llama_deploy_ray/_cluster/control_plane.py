@@ -98,7 +98,7 @@ class _Session:
         self.order = order
         self.task_ids: dict[str, None] = {}  # in submission order
         # the services on which its unfinished tasks wait or run: its lines in `_lines`
-        self.lines: set[str] = set()
+        self.lines: dict[str, None] = {}
         self.state: dict[str, dict[str, Any]] = {}
         # per service: the task whose outcome left its state, and the driver told it holds
         # that state as the latest (see `finish_tasks`); neither is stored, both start empty
@@ -407,7 +407,7 @@ class ControlPlane:
         line = self._lines.setdefault((session_id, service_name), deque())
         line.append(task_id)
         if session := self._sessions.get(session_id):
-            session.lines.add(service_name)
+            session.lines[service_name] = None
         return len(line) == 1
 
     async def start_task(self, task_id: str, owner: str) -> StartedTask | None:
@@ -995,7 +995,7 @@ class ControlPlane:
             return
         del self._lines[key]
         if session := self._sessions.get(key[0]):
-            session.lines.discard(key[1])
+            session.lines.pop(key[1], None)
 
     def _session(self, session_id: str) -> _Session:
         try:
