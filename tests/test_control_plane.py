@@ -310,3 +310,40 @@ async def test_a_handler_runs_once_at_a_time_whatever_its_session_holds(tmp_path
     await restarted.finish_task(elsewhere.task_id, TaskOutcome(result="ok"))
     await restarted.create_task(run(), "driver", handler=True)
     assert len(await restarted.list_tasks(session_id)) == 6
+
+
+async def test_the_sweep_forgets_sessions_by_last_activity_and_gives_memory_back_in_bulk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sessions are forgotten once idle past their retention, whenever they were created (a
+    new task makes one active again); the freed memory is handed back (a full garbage
+    collection, a pause as long as what the actor holds) once a quarter of the sessions are
+    gone, not at every sweep that forgets a few."""
+    from llama_deploy_ray._cluster import control_plane as _control_plane
+    from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome
+
+    releases: list[int] = []
+    monkeypatch.setattr(_control_plane, "_release_memory", lambda: releases.append(1))
+    monkeypatch.setattr(_control_plane.ControlPlane, "_start_timers", lambda self: None)
+    control_plane = _control_plane.ControlPlane(
+        task_retention_s=0.05, session_retention_s=1.0, state_secret=SECRET
+    )
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+
+    async def sweep() -> set[str]:
+        control_plane._next_session_sweep = 0.0  # the timer's next sweep, now
+        control_plane._drop_expired()
+        return {s.session_id for s in await control_plane.list_sessions()}
+
+    old = [(await control_plane.create_session()).session_id for _ in range(4)]
+    await asyncio.sleep(0.5)
+    task = TaskDefinition(input="{}", agent_id="svc", session_id=old[0])
+    await begin(control_plane, task, "driver")  # the first session created is active again
+    await control_plane.finish_task(task.task_id, TaskOutcome(result="ok"))
+    new = {(await control_plane.create_session()).session_id for _ in range(28)}
+    await asyncio.sleep(0.7)
+    assert await sweep() == {old[0], *new}  # 4 of 32 forgotten: memory not handed back yet
+    assert releases == []
+    await asyncio.sleep(0.5)
+    assert await sweep() == set()
+    assert releases == [1]

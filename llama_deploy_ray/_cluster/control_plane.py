@@ -185,6 +185,10 @@ class ControlPlane:
         self._next_session_sweep = 0.0
         self._services: dict[str, StoredService] = {}
         self._sessions: dict[str, _Session] = {}
+        # session ids, least recently active first: the retention sweep reads only the idle
+        self._by_activity: dict[str, None] = {}
+        # the most sessions held since memory was last given back (see `_drop_expired`)
+        self._peak_sessions = 0
         self._tasks: dict[str, _Task] = {}
         self._order = itertools.count()  # creation order of sessions and tasks
         # task ids waiting or running, per (session, service), head first
@@ -298,8 +302,16 @@ class ControlPlane:
         return await self.create_session(session_id)
 
     def _add_session(self, definition: SessionDefinition) -> None:
-        self._sessions[definition.session_id] = _Session(definition, next(self._order))
+        session = _Session(definition, next(self._order))
+        self._sessions[definition.session_id] = session
+        self._touch(session)
         self._mark(("session", definition.session_id))
+
+    def _touch(self, session: _Session) -> None:
+        """The session is active now: its idle time starts again."""
+        session.last_active = time.monotonic()
+        self._by_activity.pop(session.definition.session_id, None)
+        self._by_activity[session.definition.session_id] = None
 
     async def get_session(self, session_id: str) -> SessionDefinition:
         return self._session_definition(session_id)
@@ -396,7 +408,7 @@ class ControlPlane:
         self._tasks[task.task_id] = record
         session.task_ids[task.task_id] = None
         self._outdate_held_state(session, service_name, owner)
-        session.last_active = time.monotonic()
+        self._touch(session)
         if self._join_line(session.definition.session_id, service_name, task.task_id):
             record.turn.set()
         return record
@@ -796,8 +808,9 @@ class ControlPlane:
             map(StoredSession.model_validate_json, tables["session"].values()), key=_order
         )
         for stored_session in sessions:
-            session_id = stored_session.definition.session_id
-            self._sessions[session_id] = _Session(stored_session.definition, stored_session.order)
+            session = _Session(stored_session.definition, stored_session.order)
+            self._sessions[session.definition.session_id] = session
+            self._touch(session)
         for key, text in tables["state"].items():
             session_id, service_name = key.split("/", 1)
             if session_id in self._sessions:
@@ -872,6 +885,7 @@ class ControlPlane:
 
     def _forget_session(self, session: _Session) -> None:
         del self._sessions[session.definition.session_id]
+        del self._by_activity[session.definition.session_id]
         for service_name in list(session.held_by):
             self._outdate_held_state(session, service_name, owner="")
 
@@ -929,15 +943,24 @@ class ControlPlane:
         if now < self._next_session_sweep:
             return
         self._next_session_sweep = now + min(RETENTION_SWEEP_S, self._session_retention_s)
-        before = len(self._sessions)
-        for session_id, session in list(self._sessions.items()):
-            idle = session.last_active < now - self._session_retention_s
-            if idle and all(t not in self._tasks for t in session.task_ids):
+        self._peak_sessions = max(self._peak_sessions, len(self._sessions))
+        cutoff = now - self._session_retention_s
+        idle = []
+        for session_id in self._by_activity:  # least recently active first
+            if self._sessions[session_id].last_active >= cutoff:
+                break
+            idle.append(session_id)
+        for session_id in idle:
+            session = self._sessions[session_id]
+            if all(t not in self._tasks for t in session.task_ids):
                 self._forget_session(session)
                 self._mark(("session", session_id))
                 self._mark(*(("state", _state_key(session_id, s)) for s in session.state))
-        if len(self._sessions) < before:
+        # a full garbage collection pauses the actor for as long as what it holds takes to
+        # walk (a second per 100,000 sessions and tasks): only once a quarter of them are gone
+        if len(self._sessions) < 0.75 * self._peak_sessions:
             _release_memory()
+            self._peak_sessions = len(self._sessions)
 
     def _start_timers(self) -> None:
         """Retention runs on a timer too, not only when tasks finish (an idle cluster still
