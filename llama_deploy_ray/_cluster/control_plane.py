@@ -808,9 +808,9 @@ class ControlPlane:
             map(StoredSession.model_validate_json, tables["session"].values()), key=_order
         )
         for stored_session in sessions:
-            session = _Session(stored_session.definition, stored_session.order)
-            self._sessions[session.definition.session_id] = session
-            self._touch(session)
+            loaded = _Session(stored_session.definition, stored_session.order)
+            self._sessions[loaded.definition.session_id] = loaded
+            self._touch(loaded)
         for key, text in tables["state"].items():
             session_id, service_name = key.split("/", 1)
             if session_id in self._sessions:
