@@ -96,7 +96,9 @@ class EventLog:
         self._dropped = 0  # sequence numbers 1.._dropped are gone
         self._max_events = max_events
         self._full = full
-        self._changed = asyncio.Event()
+        # what waiting readers wait on, made by the first of them: most logs (a finished
+        # task's, an inbox no event comes to) never have one
+        self._changed: asyncio.Event | None = None
         self.closed = False
 
     def __len__(self) -> int:
@@ -140,7 +142,7 @@ class EventLog:
         """The events after sequence number `after`; if there are none yet and the log is
         open, wait up to `wait_s` for some."""
         if after >= len(self) and not self.closed and wait_s > 0:
-            changed = self._changed
+            changed = self._changed = self._changed or asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=wait_s)
         if after >= self._dropped:
@@ -151,5 +153,6 @@ class EventLog:
 
     def _notify(self) -> None:
         # wake every waiting reader once; later readers wait on a fresh event
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
