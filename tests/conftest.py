@@ -4,6 +4,7 @@ runs in its own process (it starts the Ray it lives with), and the tests attach 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -173,6 +174,18 @@ def stop_shared_core() -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
+@pytest.fixture(autouse=True)
+def _the_test_process_stays_unfrozen(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control plane made in this process (several tests make one, and its timers outlive
+    them) would freeze every object of the process at its sweeps (see `_freeze_survivors`),
+    and a test's `gc.collect()` would then miss the cycles among them. Not here, but in the
+    tests marked `gc_freeze`."""
+    if request.node.get_closest_marker("gc_freeze") is None:
+        monkeypatch.setattr(gc, "freeze", lambda: None)
 
 
 @pytest.fixture(scope="session")

@@ -324,6 +324,7 @@ async def test_the_sweep_forgets_sessions_by_last_activity_and_gives_memory_back
 
     releases: list[int] = []
     monkeypatch.setattr(_control_plane, "_release_memory", lambda: releases.append(1))
+    monkeypatch.setattr(_control_plane, "_freeze_survivors", lambda: None)
     monkeypatch.setattr(_control_plane.ControlPlane, "_start_timers", lambda self: None)
     control_plane = _control_plane.ControlPlane(
         task_retention_s=0.05, session_retention_s=2.0, state_secret=SECRET
@@ -347,3 +348,73 @@ async def test_the_sweep_forgets_sessions_by_last_activity_and_gives_memory_back
     await asyncio.sleep(1.0)
     assert await sweep() == set()
     assert releases == [1]
+
+
+class _Node:
+    """Something to make a reference cycle of, and watch with a weak reference."""
+
+    link: _Node | None = None
+
+
+@pytest.mark.gc_freeze
+async def test_the_sweep_freezes_what_is_held_and_records_are_freed_without_a_collection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python's full collections walk every object tracked, a second per 100,000 sessions and
+    tasks held: the sweep freezes what is held, after collecting the garbage (which is not
+    frozen with it). That is sound because a forgotten record is freed at once, by reference
+    counting (it holds no cycle). Cycles formed among frozen objects wait for the next time
+    memory is handed back, which collects the frozen too."""
+    import gc
+    import weakref
+
+    from llama_deploy_ray._cluster import control_plane as _control_plane
+    from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome
+
+    monkeypatch.setattr(_control_plane.ControlPlane, "_start_timers", lambda self: None)
+    control_plane = _control_plane.ControlPlane(
+        task_retention_s=0.5, session_retention_s=3600.0, state_secret=SECRET
+    )
+    await control_plane.register_service(ServiceDefinition(service_name="svc"))
+
+    def sweep() -> None:
+        control_plane._next_session_sweep = 0.0  # the timer's next sweep, now
+        control_plane._drop_expired()
+
+    async def finished_task() -> TaskDefinition:
+        session_id = (await control_plane.create_session()).session_id
+        task = TaskDefinition(input="{}", agent_id="svc", session_id=session_id)
+        await begin(control_plane, task, "driver")
+        await control_plane.finish_task(task.task_id, TaskOutcome(result="ok", state={"n": 1}))
+        return task
+
+    try:
+        tasks = [await finished_task() for _ in range(20)]
+        record = weakref.ref(control_plane._tasks[tasks[0].task_id])
+        garbage = _Node()
+        garbage.link = garbage
+        collected = weakref.ref(garbage)
+        del garbage
+        sweep()
+        assert collected() is None  # garbage collected, not frozen
+        assert gc.get_freeze_count() > 0
+        assert not any(o is record() for o in gc.get_objects())  # frozen: out of a walk's way
+
+        cycle_to_be = _Node()
+        frozen = weakref.ref(cycle_to_be)
+        sweep()
+        await asyncio.sleep(0.6)
+        control_plane._drop_expired()  # the tasks are past their retention: forgotten
+        assert tasks[0].task_id not in control_plane._tasks
+        assert record() is None  # freed at once, though frozen: no cycle held it
+
+        cycle_to_be.link = cycle_to_be
+        del cycle_to_be
+        gc.collect()
+        assert frozen() is not None  # a cycle of frozen objects is out of a collection's way
+        for task in tasks:  # every session gone: memory handed back, the frozen collected
+            await control_plane.delete_session(task.session_id or "")
+        sweep()
+        assert frozen() is None
+    finally:
+        gc.unfreeze()
