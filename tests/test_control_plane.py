@@ -418,3 +418,73 @@ async def test_the_sweep_freezes_what_is_held_and_records_are_freed_without_a_co
         assert frozen() is None
     finally:
         gc.unfreeze()
+
+
+async def test_the_latest_task_of_each_handler_filtered_by_status_and_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`GET /handlers` asks for the latest run of each handler session, in the order they were
+    created, filtered where they are kept, a page at a time; one asked for what runs reads the
+    lines, not every session kept, and a long listing lets other calls in every
+    `LISTING_SLICE` sessions."""
+    from llama_deploy_ray._cluster import control_plane as _control_plane
+    from llama_deploy_ray._shared.handlers import HANDLER_SESSION_PREFIX, session_of
+    from llama_deploy_ray._shared.types import ServiceDefinition, TaskOutcome, TaskStatus
+
+    control_plane = _control_plane.ControlPlane(60, 60, SECRET)
+    for service in ("svc", "other"):
+        await control_plane.register_service(ServiceDefinition(service_name=service))
+
+    async def run(handler: str, service: str = "svc") -> str:
+        task = TaskDefinition(input="{}", agent_id=service, session_id=session_of(handler))
+        await control_plane.create_task(task, "driver", handler=True)
+        return task.task_id
+
+    async def finish(task_id: str, **outcome: str) -> None:
+        await control_plane.start_task(task_id, "driver")
+        await control_plane.finish_task(task_id, TaskOutcome(**outcome))
+
+    await finish(await run("done"), result="first")
+    again = await run("done")  # its latest run counts, not its first
+    await finish(again, result="second")
+    running = await run("running")
+    await control_plane.start_task(running, "driver")
+    pending = await run("pending")
+    await finish(await run("failed", "other"), error="boom")
+    plain = await control_plane.create_session()  # not a handler's: never listed
+    await begin(
+        control_plane,
+        TaskDefinition(input="{}", agent_id="svc", session_id=plain.session_id),
+        "driver",
+    )
+
+    async def latest(
+        statuses: set[TaskStatus] | None = None, services: set[str] | None = None
+    ) -> list[str]:
+        found: list[str] = []
+        after: int | None = -1
+        while after is not None:
+            page, after = await control_plane.latest_tasks(
+                HANDLER_SESSION_PREFIX, statuses, services, after
+            )
+            found += [t.task_id for t in page]
+        return found
+
+    unfinished = {TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.WAITING}
+    everything = await latest()
+    assert everything[:3] == [again, running, pending] and len(everything) == 4
+    assert await latest(unfinished) == [running, pending]
+    assert await latest({TaskStatus.RUNNING}) == [running]
+    assert await latest({TaskStatus.COMPLETED}) == [again]
+    assert await latest(services={"other"}) == everything[3:]
+    assert await latest({TaskStatus.COMPLETED}, {"other"}) == []
+    assert await latest(set()) == []  # only statuses outside the four were asked for
+    monkeypatch.setattr(_control_plane, "LISTING_SLICE", 1)
+    assert await latest() == everything
+    monkeypatch.setattr(_control_plane, "LISTING_PAGE", 1)  # a call per task
+    page, after = await control_plane.latest_tasks(HANDLER_SESSION_PREFIX, None, None)
+    assert [t.task_id for t in page] == everything[:1] and after is not None
+    assert await latest() == everything
+    assert await latest(unfinished) == [running, pending]
+    await finish(running, result="ok")
+    assert await latest(unfinished) == [pending]

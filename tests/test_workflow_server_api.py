@@ -249,9 +249,14 @@ async def test_a_run_waiting_with_no_timer_is_kept_until_its_answer_comes(
     assert [e.type async for e in _until(stream, "Question")] == ["Question"]
     await asyncio.sleep(2)  # parked by now: no replica holds it, the control plane does
     assert (await client.get_handler(handler.handler_id)).status == "running"
+    running = (await client.get_handlers(status=["running"])).handlers
+    assert handler.handler_id in {h.handler_id for h in running}
+    assert {h.status for h in running} == {"running"}
     await client.send_event(handler.handler_id, {"type": "Answer", "value": {"text": "yes"}})
     done = await client.wait_for_handler(handler.handler_id, timeout=60, poll_interval=0.1)
     assert done.result is not None and done.result.value == {"result": "yes"}
+    running = (await client.get_handlers(status=["running"])).handlers
+    assert handler.handler_id not in {h.handler_id for h in running}
 
 
 async def _until(stream: EventStream, type_name: str) -> AsyncIterator[EventEnvelopeWithMetadata]:

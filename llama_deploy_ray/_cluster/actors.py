@@ -51,6 +51,7 @@ from .._shared.types import (
     TaskDefinition,
     TaskOutcome,
     TaskResult,
+    TaskStatus,
 )
 from .call_socket import Address, CallClient
 from .outbox import Batcher
@@ -275,8 +276,17 @@ class ControlPlaneShard(_Handle):
     async def get_current_task(self, session_id: str) -> TaskResult | None:
         return await self._ask("get_current_task", session_id)
 
-    async def latest_tasks(self, session_prefix: str) -> list[TaskResult]:
-        return await self._ask("latest_tasks", session_prefix)
+    async def latest_tasks(
+        self, session_prefix: str, statuses: set[TaskStatus] | None, services: set[str] | None
+    ) -> list[TaskResult]:
+        """Asked a page at a time: one answer of a day's handlers would hold the actor's other
+        calls for as long as it takes to pickle (a quarter of a second per 50,000)."""
+        found: list[TaskResult] = []
+        after: int | None = -1
+        while after is not None:
+            page, after = await self._ask("latest_tasks", session_prefix, statuses, services, after)
+            found += page
+        return found
 
     # drivers
 
@@ -390,10 +400,17 @@ class ControlPlaneHandle:
         session_id = SessionDefinition().session_id
         return await self.for_session(session_id).create_session(session_id)
 
-    async def latest_tasks(self, session_prefix: str) -> list[TaskResult]:
-        """The latest task of each session whose id starts with `session_prefix`, shard by
-        shard."""
-        found = await asyncio.gather(*(s.latest_tasks(session_prefix) for s in self.shards))
+    async def latest_tasks(
+        self,
+        session_prefix: str,
+        statuses: set[TaskStatus] | None = None,
+        services: set[str] | None = None,
+    ) -> list[TaskResult]:
+        """The latest task of each session whose id starts with `session_prefix`, in one of
+        `statuses`, on one of `services` (None: any), shard by shard."""
+        found = await asyncio.gather(
+            *(s.latest_tasks(session_prefix, statuses, services) for s in self.shards)
+        )
         return [task for tasks in found for task in tasks]
 
     async def list_sessions(self, offset: int, limit: int | None) -> list[SessionDefinition]:

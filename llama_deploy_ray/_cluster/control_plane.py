@@ -86,6 +86,10 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
+# a listing's sessions read between its turns on the event loop, and tasks answered per call:
+# each a few milliseconds of the actor's time, whatever the whole listing holds
+LISTING_SLICE = 5000
+LISTING_PAGE = 5000
 _LOADED_STATE = "(loaded from the store)"  # no task id looks like this
 _UNFINISHED = (TaskStatus.PENDING.value, TaskStatus.RUNNING.value, TaskStatus.WAITING.value)
 _PairKey = tuple[str, str]
@@ -649,16 +653,46 @@ class ControlPlane:
         results = (self._tasks[t].result for t in session.task_ids if t in self._tasks)
         return list(itertools.islice(results, offset, None if limit is None else offset + limit))
 
-    async def latest_tasks(self, session_prefix: str) -> list[TaskResult]:
+    async def latest_tasks(
+        self,
+        session_prefix: str,
+        statuses: set[TaskStatus] | None = None,
+        services: set[str] | None = None,
+        after: int = -1,
+    ) -> tuple[list[TaskResult], int | None]:
         """The latest task of each session whose id starts with `session_prefix` (a handler's
-        run, see `_handlers`), sessions in the order they were created."""
+        run, see `_handlers`), only those in one of `statuses`, on one of `services` (None:
+        any), a page at a time: of the sessions created after the one numbered `after`, in
+        the order they were created, up to `LISTING_PAGE` tasks, and the number to ask after
+        next (None: no more)."""
+        if statuses is not None and all(s.value in _UNFINISHED for s in statuses):
+            # what runs is in the lines: read those, not every session kept (a day's handlers)
+            unfinished = {session_id for session_id, _ in self._lines}
+            held = (self._sessions.get(s) for s in unfinished if s.startswith(session_prefix))
+            sessions = sorted(
+                (s for s in held if s is not None and s.order > after), key=lambda s: s.order
+            )
+        else:
+            sessions = [
+                s
+                for i, s in self._sessions.items()
+                if s.order > after and i.startswith(session_prefix)
+            ]
         found = []
-        for session_id, session in self._sessions.items():
-            if session_id.startswith(session_prefix):
-                latest = next((t for t in reversed(session.task_ids) if t in self._tasks), None)
-                if latest is not None:
-                    found.append(self._tasks[latest].result)
-        return found
+        for n, session in enumerate(sessions, 1):
+            latest = next((t for t in reversed(session.task_ids) if t in self._tasks), None)
+            result = self._tasks[latest].result if latest is not None else None
+            if (
+                result is not None
+                and (statuses is None or result.status in statuses)
+                and (services is None or result.service_name in services)
+            ):
+                found.append(result)
+                if len(found) == LISTING_PAGE:
+                    return found, session.order
+            if n % LISTING_SLICE == 0:  # a long listing lets the calls behind it in
+                await asyncio.sleep(0)
+        return found, None
 
     async def get_current_task(self, session_id: str) -> TaskResult | None:
         session = self._session(session_id)

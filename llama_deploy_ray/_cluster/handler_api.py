@@ -26,6 +26,7 @@ from .._shared.handlers import (
     event_from_envelope,
     handler_from_task,
     session_of,
+    task_statuses,
     terminal_envelope,
 )
 from .._shared.types import TaskResult, check_json_depth
@@ -60,20 +61,13 @@ async def list_handlers(
     workflow_name: Annotated[list[str] | None, Query()] = None,
 ) -> dict[str, list[HandlerData]]:
     """Every handler's latest run, filtered by status and workflow name (each repeatable; a
-    status outside the four matches nothing)."""
+    status outside the four matches nothing), by the control plane."""
     statuses = {s for s in status or [] if s}
     names = {n for n in workflow_name or [] if n}
-    handlers = [
-        handler_from_task(task)
-        for task in await _control_plane(request).latest_tasks(HANDLER_SESSION_PREFIX)
-    ]
-    return {
-        "handlers": [
-            h
-            for h in handlers
-            if (not statuses or h.status in statuses) and (not names or h.workflow_name in names)
-        ]
-    }
+    tasks = await _control_plane(request).latest_tasks(
+        HANDLER_SESSION_PREFIX, task_statuses(statuses) if statuses else None, names or None
+    )
+    return {"handlers": [handler_from_task(task) for task in tasks]}
 
 
 @router.get("/handlers/{handler_id}")

@@ -17,6 +17,7 @@ import datetime
 import json
 import secrets
 import string
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -39,6 +40,12 @@ _STATUS: dict[TaskStatus, HandlerStatus] = {
     TaskStatus.FAILED: "failed",
     TaskStatus.CANCELLED: "cancelled",
 }
+
+
+def task_statuses(statuses: Collection[str]) -> set[TaskStatus]:
+    """The task statuses shown as one of the handler `statuses` (a name outside the four
+    matches none)."""
+    return {task_status for task_status, shown in _STATUS.items() if shown in statuses}
 
 
 class EventEnvelope(BaseModel):
