@@ -4,6 +4,7 @@ and inboxes, one task per id, one run at a time per handler."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -130,12 +131,19 @@ async def test_a_driver_hears_of_its_cancelled_tasks_and_a_silent_drivers_tasks_
 
     await control_plane.create_task(orphan, "dead")  # a driver that never watches again
     other = await control_plane.create_session()
+    elsewhere = other_session_task.model_copy(
+        update={"session_id": other.session_id, "task_id": str(uuid.uuid4())}
+    )
+    await control_plane.create_task(elsewhere, "dead")
     other_session_task = other_session_task.model_copy(update={"session_id": other.session_id})
     await control_plane.create_task(other_session_task, "api")
+    queued_orphan = new_task()  # behind the first orphan in its session's line
+    await control_plane.create_task(queued_orphan, "dead")
     await asyncio.sleep(0.3)
     await control_plane.watch_driver("api", wait_s=0)  # "api" is alive: it keeps watching
     notice = await control_plane.watch_driver("orchestrator", wait_s=0, adopt_orphans=True)
-    assert notice.orphaned == [orphan.task_id]
+    # oldest first, across sessions
+    assert notice.orphaned == [orphan.task_id, elsewhere.task_id, queued_orphan.task_id]
     # adopted once: a later watch finds nothing more
     notice = await control_plane.watch_driver("orchestrator", wait_s=0, adopt_orphans=True)
     assert notice.orphaned == []

@@ -940,9 +940,12 @@ class ControlPlane:
         for driver_id in silent:
             del self._drivers[driver_id]
         driven = (TaskStatus.PENDING, TaskStatus.RUNNING)  # waiting tasks resume on an event
-        orphans = [
-            r for r in self._tasks.values() if r.owner in silent and r.result.status in driven
-        ]
+        # the unfinished are all in a line: a scan of every task kept would grow with retention
+        unfinished = (self._tasks[t] for line in self._lines.values() for t in line)
+        orphans = sorted(
+            (r for r in unfinished if r.owner in silent and r.result.status in driven),
+            key=lambda r: r.order,
+        )
         for record in orphans:
             record.owner = owner
         return [r.definition.task_id for r in orphans]
