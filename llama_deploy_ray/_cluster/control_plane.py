@@ -96,6 +96,18 @@ _PairKey = tuple[str, str]
 _Key = tuple[Table, str]
 
 
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+# The `turn` and `done` of every final task: kept for `task_retention_s`, a finished task need
+# not hold two events (and their waiter queues) of its own. Never cleared; an event binds to no
+# loop until it has a waiter to wake, and a set one never has.
+_FINAL = _set_event()
+
+
 class _Session:
     def __init__(self, definition: SessionDefinition, order: int) -> None:
         self.definition = definition
@@ -139,6 +151,7 @@ class _Task:
             task_id=definition.task_id,
             session_id=definition.session_id,
             service_name=service_name,
+            parent_task_id=definition.parent_task_id,
             status=TaskStatus.PENDING,
         )
         self.done = asyncio.Event()
@@ -405,7 +418,6 @@ class ControlPlane:
                 )
         record = _Task(task, service_name, owner, self._max_events, next(self._order))
         self._heard_from(owner)
-        record.update(parent_task_id=task.parent_task_id)
         if parent is not None:
             parent.children.append(task.task_id)
             self._mark(("task", parent.definition.task_id))
@@ -873,8 +885,7 @@ class ControlPlane:
             if session is not None:
                 session.task_ids[task_id] = None
             if final:
-                record.done.set()
-                record.turn.set()
+                record.turn = record.done = _FINAL
                 ended = now - (wall - (stored.result.finished_at or wall))
                 finished.append((ended, task_id))
             else:
@@ -966,6 +977,7 @@ class ControlPlane:
         self._advance_line(key, record.definition.task_id)
         record.turn.set()  # a cancelled task still waiting for its turn stops waiting
         record.done.set()
+        record.turn = record.done = _FINAL
 
     def _drop_expired(self) -> None:
         """Forget final tasks past their retention, and sessions idle past theirs."""

@@ -92,7 +92,9 @@ class EventLog:
     `max_events`, it drops its oldest (`full="drop"`) or refuses more (`full="refuse"`)."""
 
     def __init__(self, max_events: int, full: Literal["drop", "refuse"] = "drop") -> None:
-        self._events: deque[dict[str, Any]] = deque()
+        # a deque from the first event on: most logs (a hello-world's stream, most inboxes)
+        # stay empty, and a task keeps two for `task_retention_s`
+        self._events: deque[dict[str, Any]] | tuple[()] = ()
         self._dropped = 0  # sequence numbers 1.._dropped are gone
         self._max_events = max_events
         self._full = full
@@ -112,7 +114,7 @@ class EventLog:
 
     def restore(self, events: list[dict[str, Any]], closed: bool) -> None:
         """Take back the events (sequence numbers included) that a log kept before."""
-        self._events = deque(events[-self._max_events :])
+        self._events = deque(events[-self._max_events :]) if events else ()
         self._dropped = self._events[0][SEQ_KEY] - 1 if self._events else 0
         self.closed = closed
 
@@ -124,13 +126,15 @@ class EventLog:
                 f"the task was already sent {len(self._events)} events, the most one task "
                 f"takes ({self._max_events}); cancel it and start another"
             )
+        kept = self._events if isinstance(self._events, deque) else deque()
         added = []
         for event in events:
-            added.append({**event, SEQ_KEY: len(self) + 1})
-            self._events.append(added[-1])
-        while len(self._events) > self._max_events:
-            self._events.popleft()
+            added.append({**event, SEQ_KEY: self._dropped + len(kept) + 1})
+            kept.append(added[-1])
+        while len(kept) > self._max_events:
+            kept.popleft()
             self._dropped += 1
+        self._events = kept
         self._notify()
         return added
 
