@@ -96,16 +96,11 @@ _PairKey = tuple[str, str]
 _Key = tuple[Table, str]
 
 
-def _set_event() -> asyncio.Event:
-    event = asyncio.Event()
-    event.set()
-    return event
-
-
 # The `turn` and `done` of every final task: kept for `task_retention_s`, a finished task need
 # not hold two events (and their waiter queues) of its own. Never cleared; an event binds to no
 # loop until it has a waiter to wake, and a set one never has.
-_FINAL = _set_event()
+_FINAL = asyncio.Event()
+_FINAL.set()
 
 
 class _Session:
