@@ -44,7 +44,7 @@ from llama_deploy_ray._cluster.actors import (
     core_actor_options,
 )
 from llama_deploy_ray._cluster.call_socket import Address, CallServer
-from llama_deploy_ray._cluster.control_plane import ControlPlane
+from llama_deploy_ray._cluster.control_plane import ControlPlaneActor
 from llama_deploy_ray._shared.config import control_plane_actor_name
 from llama_deploy_ray._shared.types import StartedTask, TaskOutcome, TaskResult, TaskStatus
 
@@ -120,7 +120,7 @@ def control_plane_cpu_s() -> float:
 def start_control_plane(count: int, store: str) -> list[Any]:
     namespace = ray.get_runtime_context().namespace
     actors = [
-        ray.remote(ControlPlane)
+        ray.remote(ControlPlaneActor)
         .options(**core_actor_options(control_plane_actor_name(i), namespace))
         .remote(60.0, 600.0, b"s" * 32, 10_000, store, namespace, i, count)
         for i in range(count)

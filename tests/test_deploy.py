@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 
 import httpx
 import pytest
 import pytest_asyncio
+import ray
 
 from llama_deploy_ray import (
     AsyncLlamaDeployClient,
@@ -29,7 +31,7 @@ from llama_deploy_ray import (
     TaskTimeoutError,
     deploy_workflow,
 )
-from llama_deploy_ray._shared.config import workflow_route
+from llama_deploy_ray._shared.config import CONTROL_PLANE_ACTOR_NAME, workflow_route
 
 from .conftest import service, wait_for
 from .workflows import (
@@ -343,9 +345,19 @@ async def test_async_client_methods(aclient: AsyncLlamaDeployClient) -> None:
         await aclient.get_session("async-session")
 
 
-def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client, deployed) -> None:
-    import ray
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
+def test_the_control_plane_lets_the_replicas_keep_their_cores(deployed) -> None:
+    """Every thread of the control plane's actor runs under SCHED_BATCH: woken by a replica's
+    call, it waits for an idle core rather than take the replica's (see `_scheduling`)."""
 
+    def policies(_: object) -> set[int]:
+        return {os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
+
+    control_plane = ray.get_actor(CONTROL_PLANE_ACTOR_NAME)
+    assert ray.get(control_plane.__ray_call__.remote(policies), timeout=30) == {os.SCHED_BATCH}
+
+
+def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client, deployed) -> None:
     from llama_deploy_ray._shared.config import ORCHESTRATOR_ACTOR_NAME
 
     session = client.create_session()

@@ -72,6 +72,7 @@ from .._shared.types import (
 )
 from .call_socket import Address, CallServer
 from .metrics import ControlPlaneMetrics, count_calls
+from .scheduling import yield_on_wakeup
 from .store import (
     Batch,
     EventAppend,
@@ -1096,6 +1097,15 @@ class ControlPlane:
             return self._tasks[task_id]
         except KeyError:
             raise TaskNotFoundError(task_id) from None
+
+
+class ControlPlaneActor(ControlPlane):
+    """The control plane as the core runs it: a Ray actor with a process of its own, whose
+    threads let the replicas beside it keep their cores when it wakes (see `_scheduling`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        yield_on_wakeup()
+        super().__init__(*args, **kwargs)
 
 
 def _state_key(session_id: str, service_name: str) -> str:

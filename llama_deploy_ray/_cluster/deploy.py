@@ -35,7 +35,7 @@ from .._shared.events import accepted_events
 from .._shared.types import ServiceDefinition
 from .actors import ControlPlaneHandle, ControlPlaneShard, OrchestratorHandle, core_actor_options
 from .api import API_APP_NAME, ControlPlaneAPI
-from .control_plane import ControlPlane
+from .control_plane import ControlPlaneActor
 from .guard import publish_guard
 from .orchestrator import SimpleOrchestrator
 from .packaging import PackedWorkflow, pack_workflow
@@ -292,7 +292,7 @@ def _start_core(config: ControlPlaneConfig, orchestrator_config: SimpleOrchestra
 def _start_shard(config: ControlPlaneConfig, shard: int, secret: bytes) -> ControlPlaneShard:
     # Ray's type hints take `.remote()` of an actor class for the class itself
     actor: Any = (
-        ray.remote(ControlPlane)
+        ray.remote(ControlPlaneActor)
         .options(**core_actor_options(control_plane_actor_name(shard), config.namespace))
         .remote(
             config.task_retention_s,
