@@ -31,7 +31,11 @@ from llama_deploy_ray import (
     TaskTimeoutError,
     deploy_workflow,
 )
-from llama_deploy_ray._shared.config import CONTROL_PLANE_ACTOR_NAME, workflow_route
+from llama_deploy_ray._shared.config import (
+    CONTROL_PLANE_ACTOR_NAME,
+    ORCHESTRATOR_ACTOR_NAME,
+    workflow_route,
+)
 
 from .conftest import service, wait_for
 from .workflows import (
@@ -358,8 +362,6 @@ def test_the_control_plane_lets_the_replicas_keep_their_cores(deployed) -> None:
 
 
 def test_a_restarted_orchestrator_adopts_the_tasks_it_drove(client, deployed) -> None:
-    from llama_deploy_ray._shared.config import ORCHESTRATOR_ACTOR_NAME
-
     session = client.create_session()
     # started through the API, the orchestrator drives it
     task = TaskDefinition(input='{"seconds": 2, "tag": "survivor"}', agent_id="sleep")
